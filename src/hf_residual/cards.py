@@ -1,0 +1,78 @@
+"""Model cards rendered from the Jinja templates in ``model_cards/`` (shipped as ``hf_residual.model_cards``).
+
+Front matter lists every parent in ``base_model`` with ``base_model_relation`` so the Hub draws the
+lineage: ``merge`` for a ported model, ``adapter`` for a residual repo. No token ever reaches a card.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import yaml
+
+from hf_residual import __version__
+from hf_residual.manifest import Manifest, ModelIdentity
+
+TAGS = ["hf-residual", "instruction-residual"]
+
+
+def _template(name: str):
+    import jinja2
+
+    text = resources.files("hf_residual.model_cards").joinpath(name).read_text(encoding="utf-8")
+    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(text)
+
+
+def _ref(identity: ModelIdentity) -> str:
+    return identity.repo_id or identity.name
+
+
+def _front_matter(parents: list[ModelIdentity], relation: str, extra_tags: list[str] | None = None) -> str:
+    data = {
+        "base_model": [p.repo_id for p in parents if p.repo_id] or None,
+        "base_model_relation": relation,
+        "library_name": "transformers" if relation == "merge" else "hf-residual",
+        "tags": TAGS + list(extra_tags or []),
+    }
+    data = {k: v for k, v in data.items() if v is not None}
+    return yaml.safe_dump(data, sort_keys=False).strip()
+
+
+def residual_card(manifest: Manifest, residual_ref: str = "RESIDUAL_FOLDER_OR_REPO") -> str:
+    """README.md of a residual folder or repo."""
+    return _template("residual.md.j2").render(
+        card_data=_front_matter([manifest.instruct, manifest.base], "adapter"),
+        instruct=manifest.instruct,
+        base=manifest.base,
+        model_type=manifest.model_type,
+        codec=manifest.codec,
+        n_tensors=len(manifest.tensors),
+        tool_version=__version__,
+        note=manifest.note,
+        residual_ref=residual_ref,
+    )
+
+
+def ported_card(
+    *,
+    target: ModelIdentity,
+    instruct: ModelIdentity,
+    base: ModelIdentity,
+    alpha: float,
+    codec: str,
+    distance: float,
+    model_ref: str = "PATH_OR_REPO_OF_THIS_MODEL",
+) -> str:
+    """README.md of a ported model."""
+    return _template("ported.md.j2").render(
+        card_data=_front_matter([target, instruct, base], "merge"),
+        title=f"{_ref(target)} + instruction residual of {_ref(instruct)}",
+        target=target,
+        instruct=instruct,
+        base=base,
+        alpha=alpha,
+        codec=codec,
+        distance=distance,
+        tool_version=__version__,
+        model_ref=model_ref,
+    )

@@ -1,0 +1,37 @@
+"""``hf-residual inspect``: summarise model and residual folders."""
+
+from __future__ import annotations
+
+import argparse
+
+from hf_residual.commands._common import human_bytes
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "inspect",
+        help="summarise models or residuals: tensors, dtypes, size, per-layer |R| / |B|",
+        description="Summarise each PATH. For a residual folder, also the relative norm |R| / |B| per layer.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="model or residual folders")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hf_residual import api
+
+    for path in args.paths:
+        summary = api.inspect(path)
+        dtypes = ", ".join(f"{d}: {n:,} params" for d, n in sorted(summary.dtypes.items()))
+        print(f"{summary.path} [{summary.kind}, {summary.model_type or 'unknown architecture'}]")
+        print(f"  {summary.tensors} tensors, {human_bytes(summary.bytes)}; {dtypes}")
+        if summary.manifest is not None:
+            m = summary.manifest
+            print(
+                f"  residual of {m.instruct.repo_id or m.instruct.name} - {m.base.repo_id or m.base.name}; "
+                f"codec {m.codec} ({'lossless' if m.lossless else 'lossy'})"
+            )
+            print("  |R| / |B| per layer:")
+            for layer, ratio in summary.layer_norms.items():
+                print(f"    {layer:>24}  {ratio:.4f}")
+    return 0

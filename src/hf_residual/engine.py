@@ -1,0 +1,391 @@
+"""The streaming tensor engine: plan tensor jobs, then stream them shard by shard into safetensors.
+
+A plan is pure data (``TensorJob`` made of ``Segment``s over input ``TensorInfo``s), so it can be built
+and checked before any byte is read. Execution reads each segment in blocks of ``block`` elements with
+``pread`` into preallocated buffers, does the float32 math, rounds once, and hands the bytes to a writer
+thread that writes, hashes (sha256 per tensor) and, when a shard is closed, reads it back to verify.
+Memory therefore stays at a few blocks, whatever the model size; only output headers are held.
+
+Math of one segment, in float32, one rounding at the end:
+``out = addend + alpha * (plus - minus)``, where ``minus`` and ``addend`` are optional.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hf_residual import kernels
+from hf_residual.errors import NonFiniteError, VerificationError
+from hf_residual.safetensors_io import OutputTensor, TensorInfo, encode_header, read_header
+
+DEFAULT_BLOCK = 1 << 16
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Source:
+    """A run of elements of an input tensor, starting at element ``start``."""
+
+    info: TensorInfo
+    start: int = 0
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Output elements ``start:stop`` = ``addend + alpha * (plus - minus)``."""
+
+    start: int
+    stop: int
+    plus: Source
+    minus: Source | None = None
+    alpha: float = 1.0
+    addend: Source | None = None
+    # When set, count elements where ``minus + result``, rounded to this source's dtype, is not
+    # bit-identical to it: how a float32 residual proves it is lossless.
+    roundtrip_of: Source | None = None
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    out: OutputTensor
+    segments: tuple[Segment, ...]
+    collect_norms: bool = False
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    jobs: tuple[TensorJob, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(job.out.nbytes for job in self.jobs)
+
+
+@dataclass
+class TensorStats:
+    """What execution learned about one output tensor."""
+
+    sha256: str
+    plus_norm: float = 0.0
+    minus_norm: float = 0.0
+    result_norm: float = 0.0
+    inexact: int = 0
+
+
+def plan_shards(
+    jobs: list[TensorJob], prefix: str, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> list[ShardPlan]:
+    """Group jobs, in order, into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+    groups: list[list[TensorJob]] = [[]]
+    size = 0
+    for job in jobs:
+        if groups[-1] and size + job.out.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += job.out.nbytes
+    if len(groups) == 1:
+        return [ShardPlan(f"{prefix}.safetensors", tuple(groups[0]))]
+    total = len(groups)
+    return [
+        ShardPlan(f"{prefix}-{i:05d}-of-{total:05d}.safetensors", tuple(g)) for i, g in enumerate(groups, 1)
+    ]
+
+
+def write_index(folder: Path, prefix: str, shards: list[ShardPlan], metadata: dict | None = None) -> None:
+    """Write ``<prefix>.safetensors.index.json`` (only when there is more than one shard)."""
+    if len(shards) < 2:
+        return
+    index = {
+        "metadata": {"total_size": sum(s.nbytes for s in shards), **(metadata or {})},
+        "weight_map": {job.out.name: shard.filename for shard in shards for job in shard.jobs},
+    }
+    (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+class _Writer(threading.Thread):
+    """Writes blocks to the open shard, hashes each tensor, verifies each shard once it is closed.
+
+    Runs beside the arithmetic: file writes and sha256 release the GIL, so this uses the second core.
+    """
+
+    def __init__(self, buffers: int, block_bytes: int):
+        super().__init__(daemon=True, name="hf-residual-writer")
+        self.tasks: queue.Queue = queue.Queue(maxsize=buffers)
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(buffers):
+            self.free.put(np.empty(block_bytes, np.uint8))
+        self.hashes: dict[str, str] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        handle = None
+        hasher = None
+        current: str | None = None
+        shard_hashes: dict[str, str] = {}
+        while True:
+            kind, payload = self.tasks.get()
+            if kind == "end":
+                return
+            if self.error is not None:
+                if kind == "data":
+                    self.free.put(payload[0])
+                continue
+            try:
+                if kind == "open":
+                    path, header = payload
+                    handle = open(path, "wb")  # noqa: SIM115 - closed on "close"
+                    handle.write(header)
+                    shard_hashes = {}
+                elif kind == "tensor":
+                    current, hasher = payload, hashlib.sha256()
+                elif kind == "data":
+                    buffer, nbytes = payload
+                    view = memoryview(buffer)[:nbytes]
+                    handle.write(view)
+                    hasher.update(view)
+                    self.free.put(buffer)
+                elif kind == "end_tensor":
+                    shard_hashes[current] = hasher.hexdigest()
+                elif kind == "close":
+                    path, expected = payload
+                    handle.close()
+                    handle = None
+                    _verify_shard(path, expected, shard_hashes)
+                    self.hashes.update(shard_hashes)
+            except BaseException as error:  # noqa: BLE001 - handed to the main thread
+                self.error = error
+                if kind == "data":
+                    self.free.put(payload[0])
+                if handle is not None:
+                    handle.close()
+                    handle = None
+
+
+def _verify_shard(path: Path, expected: list[OutputTensor], hashes: dict[str, str]) -> None:
+    """Re-read a written shard: its header must parse to the plan, its bytes to the hashes written."""
+    tensors, _ = read_header(path)
+    if list(tensors) != [t.name for t in expected] or any(
+        tensors[t.name].shape != t.shape or tensors[t.name].dtype != t.dtype for t in expected
+    ):
+        raise VerificationError(f"{path}: header read back differs from what was planned")
+    with open(path, "rb") as handle:
+        for tensor in expected:
+            info = tensors[tensor.name]
+            handle.seek(info.offset)
+            hasher = hashlib.sha256()
+            remaining = info.nbytes
+            while remaining:
+                chunk = handle.read(min(_HASH_CHUNK, remaining))
+                if not chunk:
+                    raise VerificationError(f"{path}: file ends inside tensor {tensor.name!r}")
+                hasher.update(chunk)
+                remaining -= len(chunk)
+            if hasher.hexdigest() != hashes[tensor.name]:
+                raise VerificationError(
+                    f"{path}: bytes of {tensor.name!r} read back differ from those written"
+                )
+
+
+class _Files:
+    """Open file descriptors of input shards, shared by all jobs."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _non_finite_message(
+    job: TensorJob, segment: Segment, start: int, stop: int, files: _Files, buffers: kernels.BlockBuffers
+) -> str:
+    """Say which input holds NaN/Inf, or that the result overflowed the output dtype."""
+    for role, source in (("plus", segment.plus), ("minus", segment.minus), ("addend", segment.addend)):
+        if source is None:
+            continue
+        values = buffers.tmp[: stop - start]
+        kernels.decode(
+            files.fd(source.info.file), source.info, source.start + start, stop - start, values, buffers
+        )
+        if not np.isfinite(values).all():
+            return (
+                f"NaN or Inf in input tensor {source.info.name!r} of {source.info.file.parent}"
+                f" (as {role}); the checkpoint is damaged: re-download or re-save it"
+            )
+    return (
+        f"the result for {job.out.name!r} overflows {job.out.dtype} (values beyond its range); "
+        "lower --alpha, or write the output in a wider dtype"
+    )
+
+
+def execute(
+    shards: list[ShardPlan],
+    folder: Path,
+    *,
+    block: int = DEFAULT_BLOCK,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict[str, TensorStats]:
+    """Run every job and write each shard into ``folder``; return per-tensor sha256 and norms.
+
+    Raises ``NonFiniteError`` on NaN/Inf in an input or an overflow of the output dtype, and
+    ``VerificationError`` if a shard does not read back as written. On error, partially written
+    files are left for the caller to discard (the caller writes into a staging folder).
+    """
+    buffers = kernels.BlockBuffers(block)
+    writer = _Writer(buffers=4, block_bytes=block * 8)
+    writer.start()
+    files = _Files()
+    stats: dict[str, TensorStats] = {}
+
+    def put(kind: str, payload: object = None) -> None:
+        if writer.error is not None:
+            raise writer.error
+        writer.tasks.put((kind, payload))
+
+    try:
+        for shard in shards:
+            expected = [job.out for job in shard.jobs]
+            put("open", (folder / shard.filename, encode_header(expected)))
+            for job in shard.jobs:
+                put("tensor", job.out.name)
+                stats[job.out.name] = _run_job(job, files, buffers, writer, put)
+                put("end_tensor")
+                if on_progress:
+                    on_progress(job.out.nbytes)
+            put("close", (folder / shard.filename, expected))
+        put("end")
+        writer.join()
+        if writer.error is not None:
+            raise writer.error
+    finally:
+        if writer.is_alive():
+            writer.error = writer.error or RuntimeError("aborted")
+            writer.tasks.put(("end", None))
+            writer.join()
+        files.close()
+    for name, digest in writer.hashes.items():
+        stats[name].sha256 = digest
+    return stats
+
+
+def _run_job(
+    job: TensorJob,
+    files: _Files,
+    buffers: kernels.BlockBuffers,
+    writer: _Writer,
+    put: Callable[[str, object], None],
+) -> TensorStats:
+    stats = TensorStats(sha256="")
+    acc, tmp = buffers.acc, buffers.tmp
+    out_dtype = job.out.dtype
+    for segment in job.segments:
+        alpha = np.float32(segment.alpha)
+        for start in range(segment.start, segment.stop, buffers.block):
+            stop = min(segment.stop, start + buffers.block)
+            count = stop - start
+            offset = start - segment.start
+            a = acc[:count]
+            kernels.decode(
+                files.fd(segment.plus.info.file),
+                segment.plus.info,
+                segment.plus.start + offset,
+                count,
+                a,
+                buffers,
+            )
+            if job.collect_norms:
+                stats.plus_norm += _sum_squares(a)
+            if segment.minus is not None:
+                t = tmp[:count]
+                kernels.decode(
+                    files.fd(segment.minus.info.file),
+                    segment.minus.info,
+                    segment.minus.start + offset,
+                    count,
+                    t,
+                    buffers,
+                )
+                if job.collect_norms:
+                    stats.minus_norm += _sum_squares(t)
+                a -= t
+                if segment.roundtrip_of is not None:
+                    stats.inexact += _count_inexact(a, t, segment.roundtrip_of, offset, files, buffers)
+            if segment.alpha != 1.0:
+                a *= alpha
+            if job.collect_norms:
+                stats.result_norm += _sum_squares(a)
+            if segment.addend is not None:
+                t = tmp[:count]
+                kernels.decode(
+                    files.fd(segment.addend.info.file),
+                    segment.addend.info,
+                    segment.addend.start + offset,
+                    count,
+                    t,
+                    buffers,
+                )
+                a += t
+            if kernels.overflows(kernels.max_magnitude_bits(a, buffers), out_dtype):
+                raise NonFiniteError(
+                    _non_finite_message(job, segment, offset, offset + count, files, buffers)
+                )
+            out = writer.free.get()
+            while out is None:  # pragma: no cover - defensive
+                out = writer.free.get()
+            view = kernels.encode(a, out_dtype, out, buffers)
+            put("data", (out, len(view)))
+    stats.plus_norm **= 0.5
+    stats.minus_norm **= 0.5
+    stats.result_norm **= 0.5
+    return stats
+
+
+def _sum_squares(values: np.ndarray) -> float:
+    wide = values.astype(np.float64)
+    return float(np.dot(wide, wide))
+
+
+def _count_inexact(
+    result: np.ndarray,
+    minus: np.ndarray,
+    original: Source,
+    offset: int,
+    files: _Files,
+    buffers: kernels.BlockBuffers,
+) -> int:
+    """Elements where ``round(minus + result)`` differs from ``original``'s stored bits (``minus`` is reused)."""
+    count = result.size
+    info = original.info
+    nbytes = count * info.itemsize
+    back = np.add(minus, result, out=minus)
+    encoded = np.empty(nbytes, np.uint8)
+    kernels.encode(back, info.dtype, encoded, buffers)
+    stored = np.empty(nbytes, np.uint8)
+    kernels.pread_into(
+        files.fd(info.file), memoryview(stored), info.offset + (original.start + offset) * info.itemsize
+    )
+    view = {2: np.uint16, 4: np.uint32}[info.itemsize]
+    return int(np.count_nonzero(encoded.view(view) != stored.view(view)))
+
+
+def total_bytes(shards: Iterable[ShardPlan]) -> int:
+    return sum(shard.nbytes for shard in shards)

@@ -1,0 +1,200 @@
+"""Check that checkpoints fit together and turn them into engine jobs for extract, port and apply.
+
+Vocabulary growth: an instruct model may have more embedding rows than its base (chat tokens added,
+embeddings resized). Rows the base has get ``instruct - base``; the new rows are taken from the instruct
+model as they are (``absolute_rows_from`` in the manifest). The target must have the base's rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hf_residual.checkpoint import Checkpoint
+from hf_residual.engine import Segment, Source, TensorJob
+from hf_residual.errors import IncompatibleModelsError
+from hf_residual.safetensors_io import FLOAT_DTYPES, OutputTensor, TensorInfo
+
+OUTPUT_DTYPES = ("BF16", "F16", "F32")
+
+
+@dataclass(frozen=True)
+class PairedTensor:
+    """An instruct tensor and its base counterpart; rows from ``absolute_rows_from`` are new in instruct."""
+
+    name: str
+    instruct: TensorInfo
+    base: TensorInfo
+    absolute_rows_from: int | None = None
+
+    @property
+    def base_elements(self) -> int:
+        """Elements of the instruct tensor that have a base counterpart."""
+        return self.base.numel
+
+
+def _names_preview(names: set[str]) -> str:
+    shown = sorted(names)[:3]
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(shown) + more
+
+
+def check_same_architecture(a: Checkpoint, b: Checkpoint, a_role: str, b_role: str) -> None:
+    if a.model_type and b.model_type and a.model_type != b.model_type:
+        raise IncompatibleModelsError(
+            f"{a_role} is a {a.model_type!r} model ({a.path}) but {b_role} is a {b.model_type!r} model "
+            f"({b.path}); a residual only transfers between models of one architecture and lineage"
+        )
+
+
+def check_same_names(have: set[str], want: set[str], have_role: str, want_role: str) -> None:
+    missing = want - have
+    extra = have - want
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(
+                f"{len(missing)} tensor(s) of the {want_role} missing from the {have_role} "
+                f"({_names_preview(missing)})"
+            )
+        if extra:
+            parts.append(f"{len(extra)} tensor(s) only in the {have_role} ({_names_preview(extra)})")
+        raise IncompatibleModelsError(
+            "; ".join(parts) + ". Both must be the same architecture with the same weights stored "
+            "(tied embeddings store no lm_head.weight: both sides must agree)"
+        )
+
+
+def _check_float(info: TensorInfo, role: str) -> None:
+    if info.dtype not in FLOAT_DTYPES:
+        raise IncompatibleModelsError(
+            f"tensor {info.name!r} of the {role} is {info.dtype}; only floating-point weights are supported"
+        )
+
+
+def pair(instruct: Checkpoint, base: Checkpoint) -> list[PairedTensor]:
+    """Match instruct tensors to base tensors; allow instruct to have extra vocabulary rows."""
+    check_same_architecture(instruct, base, "the instruct model", "the base model")
+    check_same_names(set(instruct.tensors), set(base.tensors), "instruct model", "base model")
+    pairs = []
+    for name in sorted(base.tensors):
+        i, b = instruct.tensors[name], base.tensors[name]
+        _check_float(i, "instruct model")
+        _check_float(b, "base model")
+        absolute_from = None
+        if i.shape != b.shape:
+            grew_rows = (
+                len(i.shape) == len(b.shape) >= 1 and i.shape[1:] == b.shape[1:] and i.shape[0] > b.shape[0]
+            )
+            if not grew_rows:
+                raise IncompatibleModelsError(
+                    f"shape mismatch for {name!r}: instruct {list(i.shape)} vs base {list(b.shape)}; "
+                    "these models do not share an architecture size"
+                )
+            absolute_from = b.shape[0]
+        pairs.append(PairedTensor(name, i, b, absolute_from))
+    return pairs
+
+
+def check_target(
+    target: Checkpoint, base_shapes: dict[str, tuple[int, ...]], base_model_type: str | None
+) -> None:
+    """The target must have exactly the base's tensors and shapes (the base's vocabulary included)."""
+    if base_model_type and target.model_type and target.model_type != base_model_type:
+        raise IncompatibleModelsError(
+            f"the target is a {target.model_type!r} model ({target.path}) but the residual's base is a "
+            f"{base_model_type!r} model; a residual only transfers within one architecture"
+        )
+    check_same_names(set(target.tensors), set(base_shapes), "target model", "base model")
+    for name, shape in base_shapes.items():
+        info = target.tensors[name]
+        _check_float(info, "target model")
+        if info.dtype not in OUTPUT_DTYPES:
+            raise IncompatibleModelsError(
+                f"target tensor {name!r} is {info.dtype}; supported: BF16, F16, F32"
+            )
+        if info.shape != shape:
+            vocab_hint = (
+                " The target's vocabulary differs from the base's: the target must keep the base's "
+                "vocabulary (do not resize embeddings before porting)."
+                if info.shape[1:] == shape[1:]
+                else ""
+            )
+            raise IncompatibleModelsError(
+                f"shape mismatch for {name!r}: target {list(info.shape)} vs base {list(shape)}.{vocab_hint}"
+            )
+
+
+def _row_elements(shape: tuple[int, ...], rows: int) -> int:
+    per_row = 1
+    for dim in shape[1:]:
+        per_row *= dim
+    return rows * per_row
+
+
+def extract_jobs(pairs: list[PairedTensor], dtype: str) -> list[TensorJob]:
+    """``R = I - B`` for base rows; new vocabulary rows copied from instruct.
+
+    A float32 residual of bf16/fp16 weights also counts elements that ``B + R`` would not give back
+    exactly (possible only where |I| is far below |B|), so the manifest can state losslessness as measured.
+    """
+    jobs = []
+    for p in pairs:
+        split = p.base_elements
+        check = dtype == "F32" and p.instruct.dtype in ("BF16", "F16") and p.base.dtype == p.instruct.dtype
+        segments = [
+            Segment(
+                0,
+                split,
+                plus=Source(p.instruct),
+                minus=Source(p.base),
+                roundtrip_of=Source(p.instruct) if check else None,
+            )
+        ]
+        if p.absolute_rows_from is not None:
+            segments.append(Segment(split, p.instruct.numel, plus=Source(p.instruct, split)))
+        jobs.append(
+            TensorJob(OutputTensor(p.name, dtype, p.instruct.shape), tuple(segments), collect_norms=True)
+        )
+    return jobs
+
+
+def port_jobs(pairs: list[PairedTensor], target: Checkpoint, alpha: float) -> list[TensorJob]:
+    """``T + alpha * (I - B)`` in the target's dtype; new vocabulary rows copied from instruct."""
+    jobs = []
+    for p in pairs:
+        t = target.tensors[p.name]
+        split = p.base_elements
+        segments = [
+            Segment(0, split, plus=Source(p.instruct), minus=Source(p.base), alpha=alpha, addend=Source(t))
+        ]
+        if p.absolute_rows_from is not None:
+            segments.append(Segment(split, p.instruct.numel, plus=Source(p.instruct, split)))
+        jobs.append(TensorJob(OutputTensor(p.name, t.dtype, p.instruct.shape), tuple(segments)))
+    return jobs
+
+
+def apply_jobs(
+    residual: Checkpoint, absolute_rows_from: dict[str, int | None], target: Checkpoint, alpha: float
+) -> list[TensorJob]:
+    """``T + alpha * R`` in the target's dtype; the residual's absolute rows copied as they are."""
+    jobs = []
+    for name in sorted(residual.tensors):
+        r, t = residual.tensors[name], target.tensors[name]
+        rows = absolute_rows_from.get(name)
+        split = r.numel if rows is None else _row_elements(r.shape, rows)
+        segments = [Segment(0, split, plus=Source(r), alpha=alpha, addend=Source(t))]
+        if rows is not None:
+            segments.append(Segment(split, r.numel, plus=Source(r, split)))
+        jobs.append(TensorJob(OutputTensor(name, t.dtype, r.shape), tuple(segments)))
+    return jobs
+
+
+def base_shapes_of_residual(
+    residual: Checkpoint, absolute_rows_from: dict[str, int | None]
+) -> dict[str, tuple]:
+    """Shapes the base (and so the target) must have, given a residual with possibly extra rows."""
+    shapes = {}
+    for name, info in residual.tensors.items():
+        rows = absolute_rows_from.get(name)
+        shapes[name] = info.shape if rows is None else (rows, *info.shape[1:])
+    return shapes

@@ -1,0 +1,44 @@
+"""Shared fixtures: hermetic Hugging Face environment and tiny real model families built offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hf_residual.toy import ToyFamily, build_family
+
+
+@pytest.fixture(autouse=True)
+def hermetic_hf(tmp_path_factory, monkeypatch):
+    """Point every Hugging Face cache and token at a temporary folder; no real token, no network."""
+    home = tmp_path_factory.getbasetemp() / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE_FOR_TESTS", "1"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+
+
+_FAMILIES: dict[tuple, ToyFamily] = {}
+
+
+def make_family(root: Path, arch: str = "llama", dtype: str = "bfloat16", **kwargs) -> ToyFamily:
+    """Build (once per session and settings) a tiny family; tests must not modify it."""
+    key = (arch, dtype, tuple(sorted(kwargs.items())))
+    if key not in _FAMILIES:
+        name = "-".join([arch, dtype] + [f"{k}{v}" for k, v in sorted(kwargs.items())])
+        _FAMILIES[key] = build_family(root / name, arch, dtype, **kwargs)
+    return _FAMILIES[key]
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return lambda arch="llama", dtype="bfloat16", **kw: make_family(root, arch, dtype, **kw)
+
+
+@pytest.fixture(scope="session")
+def llama(families) -> ToyFamily:
+    return families("llama", "bfloat16", max_shard_size="20KB")
