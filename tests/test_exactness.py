@@ -15,9 +15,21 @@ from hf_residual.toy import ARCHITECTURES
 DTYPES = ["bfloat16", "float16", "float32"]
 
 
+@pytest.fixture(params=["fused", "numpy"])
+def kernel_path(request, monkeypatch):
+    """Both engine paths (numba-fused and plain numpy) must give the same, exact bits."""
+    from hf_residual import fused
+
+    if request.param == "numpy":
+        monkeypatch.setattr(fused, "AVAILABLE", False)
+    elif not fused.AVAILABLE:
+        pytest.skip("numba is not installed")
+    return request.param
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_port_matches_float32_reference_bit_for_bit(families, tmp_path, arch, dtype):
+def test_port_matches_float32_reference_bit_for_bit(families, tmp_path, arch, dtype, kernel_path):
     family = families(arch, dtype)
     alpha = 0.7
     result = api.port(
@@ -33,7 +45,7 @@ def test_port_matches_float32_reference_bit_for_bit(families, tmp_path, arch, dt
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_float32_residual_is_lossless(families, tmp_path, arch, dtype):
+def test_float32_residual_is_lossless(families, tmp_path, arch, dtype, kernel_path):
     family = families(arch, dtype)
     api.extract(family.instruct, family.base, tmp_path / "r", dtype="float32", progress=False)
     assert json.loads((tmp_path / "r" / "residual.json").read_text())["lossless"] is True
@@ -44,7 +56,7 @@ def test_float32_residual_is_lossless(families, tmp_path, arch, dtype):
         assert torch.equal(bits(back[name]), bits(instruct[name])), name
 
 
-def test_apply_of_float32_residual_equals_port(llama, tmp_path):
+def test_apply_of_float32_residual_equals_port(llama, tmp_path, kernel_path):
     api.extract(llama.instruct, llama.base, tmp_path / "r", dtype="float32", progress=False)
     api.apply(tmp_path / "r", llama.cpt, tmp_path / "a", alpha=1.3, progress=False)
     api.port(llama.instruct, llama.cpt, tmp_path / "p", base=llama.base, alpha=1.3, progress=False)
@@ -100,3 +112,19 @@ def test_sharded_output_has_index_and_loads(families, tmp_path):
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert set(index["weight_map"]) == set(load_tensors(family.cpt))
+
+
+def test_weighted_checksum_is_the_same_on_both_paths(monkeypatch):
+    from hf_residual import checksums, fused
+
+    words = np.random.default_rng(1).integers(0, 2**16, 300_001, dtype=np.uint16).tobytes()
+    split = checksums.WeightedSum()
+    split.update(words[:200_000])
+    split.update(words[200_000:])
+    monkeypatch.setattr(fused, "AVAILABLE", False)
+    whole = checksums.WeightedSum()
+    whole.update(words)
+    assert split.hexdigest() == whole.hexdigest()
+    swapped = checksums.WeightedSum()
+    swapped.update(words[2:4] + words[0:2] + words[4:])
+    assert swapped.hexdigest() != whole.hexdigest()

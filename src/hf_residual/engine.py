@@ -12,7 +12,6 @@ Math of one segment, in float32, one rounding at the end:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -23,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_residual import kernels
+from hf_residual import fused, kernels
+from hf_residual.checksums import new_digest
 from hf_residual.errors import NonFiniteError, VerificationError
-from hf_residual.safetensors_io import OutputTensor, TensorInfo, encode_header, read_header
+from hf_residual.safetensors_io import ITEMSIZE, OutputTensor, TensorInfo, encode_header, read_header
 
 DEFAULT_BLOCK = 1 << 16
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -115,25 +115,30 @@ def write_index(folder: Path, prefix: str, shards: list[ShardPlan], metadata: di
 
 
 class _Writer(threading.Thread):
-    """Writes blocks to the open shard, hashes each tensor, verifies each shard once it is closed.
+    """Writes blocks to the open shard, checksums each tensor as written and again as read back.
 
-    Runs beside the arithmetic: file writes and sha256 release the GIL, so this uses the second core.
+    Runs beside the arithmetic: writes, sha256 and the numba checksum release the GIL, so this uses the
+    second core. Each tensor is read back (from the page cache) right after it is written, so verifying
+    overlaps the arithmetic of the next tensor; the header is re-parsed when the shard is closed.
     """
 
-    def __init__(self, buffers: int, block_bytes: int):
+    def __init__(self, buffers: int, block_bytes: int, checksum: str):
         super().__init__(daemon=True, name="hf-residual-writer")
+        self.checksum = checksum
         self.tasks: queue.Queue = queue.Queue(maxsize=buffers)
         self.free: queue.Queue = queue.Queue()
         for _ in range(buffers):
             self.free.put(np.empty(block_bytes, np.uint8))
         self.hashes: dict[str, str] = {}
         self.error: BaseException | None = None
+        self._readback = np.empty(_HASH_CHUNK, np.uint8)
 
     def run(self) -> None:
         handle = None
+        read_fd = -1
         hasher = None
-        current: str | None = None
-        shard_hashes: dict[str, str] = {}
+        position = 0
+        current: OutputTensor | None = None
         while True:
             kind, payload = self.tasks.get()
             if kind == "end":
@@ -145,57 +150,65 @@ class _Writer(threading.Thread):
             try:
                 if kind == "open":
                     path, header = payload
-                    handle = open(path, "wb")  # noqa: SIM115 - closed on "close"
+                    handle = open(path, "wb", buffering=0)  # noqa: SIM115 - closed on "close"
+                    read_fd = os.open(path, os.O_RDONLY)
                     handle.write(header)
-                    shard_hashes = {}
+                    position = len(header)
                 elif kind == "tensor":
-                    current, hasher = payload, hashlib.sha256()
+                    current, hasher = payload, new_digest(self.checksum)
                 elif kind == "data":
                     buffer, nbytes = payload
                     view = memoryview(buffer)[:nbytes]
-                    handle.write(view)
+                    written = 0
+                    while written < nbytes:
+                        written += handle.write(view[written:])
                     hasher.update(view)
                     self.free.put(buffer)
                 elif kind == "end_tensor":
-                    shard_hashes[current] = hasher.hexdigest()
+                    digest = hasher.hexdigest()
+                    self._verify_tensor(read_fd, position, current, digest)
+                    self.hashes[current.name] = digest
+                    position += current.nbytes
                 elif kind == "close":
                     path, expected = payload
                     handle.close()
-                    handle = None
-                    _verify_shard(path, expected, shard_hashes)
-                    self.hashes.update(shard_hashes)
+                    os.close(read_fd)
+                    handle, read_fd = None, -1
+                    _verify_header(path, expected)
             except BaseException as error:  # noqa: BLE001 - handed to the main thread
                 self.error = error
                 if kind == "data":
                     self.free.put(payload[0])
                 if handle is not None:
                     handle.close()
-                    handle = None
+                    os.close(read_fd)
+                    handle, read_fd = None, -1
+
+    def _verify_tensor(self, fd: int, offset: int, tensor: OutputTensor, digest: str) -> None:
+        hasher = new_digest(self.checksum)
+        done = 0
+        while done < tensor.nbytes:
+            size = min(len(self._readback), tensor.nbytes - done)
+            chunk = memoryview(self._readback)[:size]
+            got = os.preadv(fd, [chunk], offset + done)
+            if got <= 0:
+                raise VerificationError(f"file ends inside tensor {tensor.name!r} when read back")
+            hasher.update(chunk[:got])
+            done += got
+        if hasher.hexdigest() != digest:
+            raise VerificationError(f"bytes of {tensor.name!r} read back differ from those written")
 
 
-def _verify_shard(path: Path, expected: list[OutputTensor], hashes: dict[str, str]) -> None:
-    """Re-read a written shard: its header must parse to the plan, its bytes to the hashes written."""
+def _verify_header(path: Path, expected: list[OutputTensor]) -> None:
+    """Re-parse a closed shard's header: names, order, shapes, dtypes and size must match the plan."""
     tensors, _ = read_header(path)
     if list(tensors) != [t.name for t in expected] or any(
         tensors[t.name].shape != t.shape or tensors[t.name].dtype != t.dtype for t in expected
     ):
         raise VerificationError(f"{path}: header read back differs from what was planned")
-    with open(path, "rb") as handle:
-        for tensor in expected:
-            info = tensors[tensor.name]
-            handle.seek(info.offset)
-            hasher = hashlib.sha256()
-            remaining = info.nbytes
-            while remaining:
-                chunk = handle.read(min(_HASH_CHUNK, remaining))
-                if not chunk:
-                    raise VerificationError(f"{path}: file ends inside tensor {tensor.name!r}")
-                hasher.update(chunk)
-                remaining -= len(chunk)
-            if hasher.hexdigest() != hashes[tensor.name]:
-                raise VerificationError(
-                    f"{path}: bytes of {tensor.name!r} read back differ from those written"
-                )
+    last = tensors[expected[-1].name] if expected else None
+    if last is not None and last.offset + last.nbytes != path.stat().st_size:
+        raise VerificationError(f"{path}: file size differs from what was planned")
 
 
 class _Files:
@@ -242,16 +255,18 @@ def execute(
     folder: Path,
     *,
     block: int = DEFAULT_BLOCK,
+    checksum: str = "sha256",
     on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, TensorStats]:
-    """Run every job and write each shard into ``folder``; return per-tensor sha256 and norms.
+    """Run every job and write each shard into ``folder``; return per-tensor checksums and norms.
 
+    ``checksum`` is ``"sha256"`` (for manifests) or ``"wsum64"`` (fast verification only).
     Raises ``NonFiniteError`` on NaN/Inf in an input or an overflow of the output dtype, and
     ``VerificationError`` if a shard does not read back as written. On error, partially written
     files are left for the caller to discard (the caller writes into a staging folder).
     """
     buffers = kernels.BlockBuffers(block)
-    writer = _Writer(buffers=4, block_bytes=block * 8)
+    writer = _Writer(buffers=4, block_bytes=block * 8, checksum=checksum)
     writer.start()
     files = _Files()
     stats: dict[str, TensorStats] = {}
@@ -266,7 +281,7 @@ def execute(
             expected = [job.out for job in shard.jobs]
             put("open", (folder / shard.filename, encode_header(expected)))
             for job in shard.jobs:
-                put("tensor", job.out.name)
+                put("tensor", job.out)
                 stats[job.out.name] = _run_job(job, files, buffers, writer, put)
                 put("end_tensor")
                 if on_progress:
@@ -299,10 +314,21 @@ def _run_job(
     out_dtype = job.out.dtype
     for segment in job.segments:
         alpha = np.float32(segment.alpha)
+        kernel = None if job.collect_norms else _fused_kernel(segment, out_dtype)
         for start in range(segment.start, segment.stop, buffers.block):
             stop = min(segment.stop, start + buffers.block)
             count = stop - start
             offset = start - segment.start
+            if kernel is not None:
+                out = writer.free.get()
+                worst = _run_fused(kernel, segment, offset, count, files, buffers, out, out_dtype)
+                if kernels.overflows(worst, out_dtype):
+                    writer.free.put(out)
+                    raise NonFiniteError(
+                        _non_finite_message(job, segment, offset, offset + count, files, buffers)
+                    )
+                put("data", (out, count * ITEMSIZE[out_dtype]))
+                continue
             a = acc[:count]
             kernels.decode(
                 files.fd(segment.plus.info.file),
@@ -357,6 +383,59 @@ def _run_job(
     stats.minus_norm **= 0.5
     stats.result_norm **= 0.5
     return stats
+
+
+def _fused_kernel(segment: Segment, out_dtype: str):
+    """The numba kernel for this segment's shape and dtypes, or None for the numpy path."""
+    sources = [s for s in (segment.plus, segment.minus, segment.addend) if s is not None]
+    if (
+        not fused.AVAILABLE
+        or segment.roundtrip_of is not None
+        or out_dtype not in fused.VIEW_DTYPES
+        or any(s.info.dtype not in fused.VIEW_DTYPES for s in sources)
+    ):
+        return None
+    if segment.minus is not None and segment.addend is not None:
+        return fused.port_block
+    if segment.minus is None and segment.addend is not None:
+        return fused.apply_block
+    if segment.minus is None and segment.addend is None and segment.alpha == 1.0:
+        return fused.copy_block
+    return None
+
+
+def _read_view(
+    role: int, source: Source, offset: int, count: int, files: _Files, buffers: kernels.BlockBuffers
+) -> np.ndarray:
+    info = source.info
+    raw = buffers.raws[role][: count * info.itemsize]
+    kernels.pread_into(
+        files.fd(info.file), memoryview(raw), info.offset + (source.start + offset) * info.itemsize
+    )
+    return raw.view(fused.VIEW_DTYPES[info.dtype])
+
+
+def _run_fused(
+    kernel,
+    segment: Segment,
+    offset: int,
+    count: int,
+    files: _Files,
+    buffers: kernels.BlockBuffers,
+    out: np.ndarray,
+    out_dtype: str,
+) -> int:
+    plus = _read_view(0, segment.plus, offset, count, files, buffers)
+    target = out[: count * ITEMSIZE[out_dtype]].view(fused.VIEW_DTYPES[out_dtype])
+    alpha = np.float32(segment.alpha)
+    if kernel is fused.port_block:
+        minus = _read_view(1, segment.minus, offset, count, files, buffers)
+        addend = _read_view(2, segment.addend, offset, count, files, buffers)
+        return int(kernel(plus, minus, alpha, addend, target))
+    if kernel is fused.apply_block:
+        addend = _read_view(2, segment.addend, offset, count, files, buffers)
+        return int(kernel(plus, alpha, addend, target))
+    return int(kernel(plus, target))
 
 
 def _sum_squares(values: np.ndarray) -> float:

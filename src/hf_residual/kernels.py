@@ -41,6 +41,8 @@ class BlockBuffers:
         self.tmp = np.empty(block, np.float32)
         self.raw = np.empty(block * 8, np.uint8)
         self.bits = np.empty(block, np.uint32)
+        # One raw buffer per input role (plus, minus, addend) for the fused kernels.
+        self.raws = [np.empty(block * 4, np.uint8) for _ in range(3)]
 
 
 def decode(fd: int, info: TensorInfo, start: int, count: int, out: np.ndarray, buffers: BlockBuffers) -> None:

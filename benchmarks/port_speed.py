@@ -1,0 +1,279 @@
+"""Port speed and memory, side by side in one run: hf-residual vs mergekit vs the I/O floor.
+
+Builds (once) a Llama-shaped bf16 family saved sharded by transformers: ``base`` (random init),
+``instruct`` and ``cpt`` (small perturbations of it). Then, with the page cache warm, it measures:
+
+- the I/O floor: reading every input byte (3 models) plus writing the output's bytes;
+- ``hf-residual port INSTRUCT --base BASE --to CPT``;
+- mergekit ``task_arithmetic`` (base_model: base; models cpt and instruct with weight 1), if a Python with
+  mergekit is given (``--mergekit-python``; install it in its own venv: it pins its own dependencies);
+- the PyPI ``residuals`` package, if a Python with it is given (``--residuals-python``).
+
+Each tool runs under ``/usr/bin/time -v`` for wall time and peak RSS. Usage::
+
+    python benchmarks/port_speed.py --shape 1b --mergekit-python /path/to/mergekit-venv/bin/python
+    python benchmarks/port_speed.py --shape 8b --layers 4   # memory on an 8B-shaped family
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {
+    # hidden, intermediate, layers, heads, kv heads, vocab
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+    ),
+}
+
+BUILD_SCRIPT = r"""
+import json, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+root, shape = sys.argv[1], json.loads(sys.argv[2])
+torch.manual_seed(0)
+config = LlamaConfig(tie_word_embeddings=False, **shape)
+model = LlamaForCausalLM(config).to(torch.bfloat16)
+model.save_pretrained(f"{root}/base", max_shard_size="1GB")
+gen = torch.Generator().manual_seed(1)
+with torch.no_grad():
+    originals = {}
+    for name, p in model.named_parameters():
+        originals[name] = p.detach().clone()
+        p.add_((torch.randn(p.shape, generator=gen) * 0.002).to(p.dtype))
+    model.save_pretrained(f"{root}/instruct", max_shard_size="1GB")
+    for name, p in model.named_parameters():
+        p.copy_(originals[name] + (torch.randn(p.shape, generator=gen) * 0.002).to(p.dtype))
+    model.save_pretrained(f"{root}/cpt", max_shard_size="1GB")
+"""
+
+
+def build_family(root: Path, shape: dict) -> None:
+    if all((root / name / "config.json").is_file() for name in ("base", "instruct", "cpt")):
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    print(f"building family in {root} ...", flush=True)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(root), json.dumps(shape)], check=True)
+    print(f"built in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def read_all(files: list[Path]) -> float:
+    """Read every byte into one reused 8 MB buffer: the fastest plain read, so the floor is not flattered."""
+    buffer = bytearray(8 * 1024 * 1024)
+    started = time.perf_counter()
+    for file in files:
+        with open(file, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+    return time.perf_counter() - started
+
+
+def write_bytes(folder: Path, nbytes: int) -> float:
+    """Write ``nbytes`` (like the output) in 8 MB chunks, without fsync, as the tools do."""
+    chunk = os.urandom(8 * 1024 * 1024)
+    path = folder / "floor.bin"
+    started = time.perf_counter()
+    with open(path, "wb", buffering=0) as handle:
+        left = nbytes
+        while left > 0:
+            left -= handle.write(memoryview(chunk)[: min(left, len(chunk))])
+    elapsed = time.perf_counter() - started
+    path.unlink()
+    return elapsed
+
+
+def timed(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Run under /usr/bin/time -v: (wall seconds, peak RSS GiB, output tail)."""
+    started = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    return wall, rss_kb / 1024**2, done.stdout[-500:]
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in weight_files(folder))
+
+
+def compare_outputs(a: Path, b: Path) -> str:
+    """Bit-compare two outputs tensor by tensor (reads one tensor at a time)."""
+    import torch
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        out = {}
+        for file in weight_files(folder):
+            with safe_open(file, "pt") as handle:
+                out.update({k: file for k in handle.keys()})  # noqa: SIM118 - safe_open is not iterable
+        return out
+
+    ia, ib = index(a), index(b)
+    if ia.keys() != ib.keys():
+        return f"different tensor sets ({len(ia)} vs {len(ib)})"
+    differing = 0
+    for name in ia:
+        with safe_open(ia[name], "pt") as fa, safe_open(ib[name], "pt") as fb:
+            if (
+                not fa.get_tensor(name)
+                .view(-1)
+                .view(dtype=__import__("torch").int16)
+                .equal(fb.get_tensor(name).view(-1).view(dtype=__import__("torch").int16))
+            ):
+                differing += 1
+    return "identical bits" if differing == 0 else f"{differing} of {len(ia)} tensors differ in some bits"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--layers", type=int, help="override the number of layers (e.g. 4 for the 8b shape)")
+    parser.add_argument("--workdir", type=Path, default=Path(__file__).parent / "_work")
+    parser.add_argument("--mergekit-python", help="python of a venv with mergekit installed")
+    parser.add_argument("--residuals-python", help="python of a venv with the PyPI residuals package")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of hf-residual (best is reported)")
+    args = parser.parse_args(argv)
+
+    shape = dict(SHAPES[args.shape])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    family = args.workdir / f"{args.shape}-l{shape['num_hidden_layers']}"
+    build_family(family, shape)
+    base, instruct, cpt = family / "base", family / "instruct", family / "cpt"
+    inputs = weight_files(base) + weight_files(instruct) + weight_files(cpt)
+    in_bytes = sum(f.stat().st_size for f in inputs)
+    out_bytes = folder_bytes(cpt)
+    params = out_bytes / 2
+    print(
+        f"family {args.shape}: {params / 1e9:.2f}B parameters, inputs {in_bytes / 1e9:.2f} GB, "
+        f"output {out_bytes / 1e9:.2f} GB",
+        flush=True,
+    )
+
+    read_all(inputs)  # warm the page cache
+    outputs = Path(tempfile.mkdtemp(prefix="port-speed-", dir=args.workdir))
+    read_s = min(read_all(inputs) for _ in range(2))
+    write_s = min(write_bytes(outputs, out_bytes) for _ in range(2))
+    floor = read_s + write_s
+    rows = [("I/O floor (read inputs + write output)", floor, None)]
+
+    hf_out = outputs / "hf-residual"
+    best = None
+    for _ in range(args.repeat):
+        run = timed(
+            [
+                sys.executable,
+                "-m",
+                "hf_residual.cli",
+                "port",
+                str(instruct),
+                "--base",
+                str(base),
+                "--to",
+                str(cpt),
+                "-o",
+                str(hf_out),
+                "-q",
+                "--overwrite",
+            ]
+        )
+        best = run if best is None or run[0] < best[0] else best
+    rows.append(("hf-residual port", best[0], best[1]))
+
+    notes = []
+    if args.mergekit_python:
+        config = outputs / "mergekit.yml"
+        config.write_text(
+            f"merge_method: task_arithmetic\nbase_model: {base}\ndtype: bfloat16\nmodels:\n"
+            f"  - model: {cpt}\n    parameters:\n      weight: 1.0\n"
+            f"  - model: {instruct}\n    parameters:\n      weight: 1.0\n"
+        )
+        mergekit_yaml = str(Path(args.mergekit_python).parent / "mergekit-yaml")
+        mk_out = outputs / "mergekit"
+        try:
+            wall, rss, _ = timed([mergekit_yaml, str(config), str(mk_out)])
+            rows.append(("mergekit task_arithmetic", wall, rss))
+            notes.append(f"hf-residual vs mergekit output: {compare_outputs(hf_out, mk_out)}")
+        except RuntimeError as error:
+            notes.append(f"mergekit failed: {str(error)[-400:]}")
+    if args.residuals_python:
+        # bfloat16 loading: its float32 default holds three float32 models plus the residual (~20 GB at 1.2B).
+        script = (
+            "import sys, torch\nfrom residuals import Residuals\n"
+            "r = Residuals.from_models(base_model=sys.argv[1], instruct_model=sys.argv[2], dtype=torch.bfloat16)\n"
+            "r.apply(base_model=sys.argv[3], out_dir=sys.argv[4], model_dtype=torch.bfloat16)\n"
+        )
+        try:
+            wall, rss, _ = timed(
+                [
+                    args.residuals_python,
+                    "-c",
+                    script,
+                    str(base),
+                    str(instruct),
+                    str(cpt),
+                    str(outputs / "residuals"),
+                ]
+            )
+            rows.append(("PyPI residuals (from_models + apply)", wall, rss))
+        except RuntimeError as error:
+            notes.append(f"residuals package failed: {str(error)[-400:]}")
+
+    total_gb = (in_bytes + out_bytes) / 1e9
+    print(f"\nI/O floor: read {read_s:.2f} s + write {write_s:.2f} s = {floor:.2f} s")
+    print(
+        f"{'tool':40} {'wall s':>8} {'peak RSS GiB':>13} {'GB/s in+out':>12} {'x floor':>8} {'x hf-residual':>14}"
+    )
+    hf_wall = rows[1][1]
+    for name, wall, rss in rows:
+        rss_text = f"{rss:.2f}" if rss is not None else "-"
+        print(
+            f"{name:40} {wall:8.2f} {rss_text:>13} {total_gb / wall:12.2f} {wall / floor:8.2f} "
+            f"{wall / hf_wall:14.2f}"
+        )
+    for note in notes:
+        print(note)
+    shutil.rmtree(outputs, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
