@@ -1,0 +1,310 @@
+"""The Gradio Space (spaces/hf-residual-demo): its config, and the real app launched on 127.0.0.1 and
+driven with gradio_client (chat turns to every model, a port, the results tab).
+
+The app runs in-process on the offline toy family, built once per module in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SPACE = Path(__file__).resolve().parents[1] / "spaces" / "hf-residual-demo"
+
+gradio = pytest.importorskip("gradio", reason="the Space needs gradio (pip install -e '.[space]')")
+gradio_client = pytest.importorskip("gradio_client", reason="these tests drive the app with gradio_client")
+
+
+def load_space_app():
+    """Import the Space's app.py from its folder (the Space is not a package) under a unique name."""
+    name = "hf_residual_space_app"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SPACE / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+if str(SPACE) not in sys.path:
+    sys.path.insert(0, str(SPACE))
+import residual_space as rs  # noqa: E402  (the app's own module, from the Space folder)
+
+
+def launch_space(workdir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Build the app on the toy family under ``workdir`` and serve it on 127.0.0.1; returns the Blocks."""
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv(rs.CACHE_ENV, str(workdir))
+    monkeypatch.delenv(rs.CONFIG_ENV, raising=False)
+    app = load_space_app()
+    demo = app.build_app(rs.toy_config(workdir))
+    demo.launch(
+        server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, ssr_mode=False, quiet=True
+    )
+    assert demo.local_url.startswith("http://127.0.0.1:")
+    return demo
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        demo = launch_space(tmp_path_factory.mktemp("space"), monkeypatch)
+        yield demo
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(space):
+    return gradio_client.Client(space.local_url, verbose=False)
+
+
+def _text(message: dict) -> str:
+    """The text of a chat message as gradio returns it (a string, or a list of typed parts)."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+def _chat(client, prompt: str, models: list[str], max_new_tokens: int = 12):
+    slots = (models + ["", "", ""])[:3]
+    result = client.predict(prompt, *slots, max_new_tokens, 0.0, 0.95, 0, api_name="/chat")
+    return result[:3], result[3]
+
+
+def test_space_files_are_a_deployable_space():
+    front = (SPACE / "README.md").read_text().split("---")[1]
+    import yaml
+
+    meta = yaml.safe_load(front)
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py"
+    assert meta["sdk_version"].split(".")[0] == gradio.__version__.split(".")[0]
+    requirements = (SPACE / "requirements.txt").read_text()
+    assert "hf-residual" in requirements and "torch==" in requirements
+
+
+def test_api_lists_the_three_tabs_endpoints(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/chat", "/port", "/results", "/clear"} <= set(endpoints)
+
+
+def test_a_chat_turn_to_each_model_returns_text(client):
+    client.predict(api_name="/clear")
+    chats, cleared_prompt = _chat(client, "Answer in upper case: hello", ["instruct", "cpt", "ported"])
+    assert cleared_prompt == ""
+    for chat in chats:
+        assert [m["role"] for m in chat] == ["user", "assistant"]
+        assert _text(chat[0]) == "Answer in upper case: hello"
+        assert _text(chat[1]).strip(), "a model returned no text"
+    # The fourth model, alone in slot 1; the empty slots keep their (empty) history.
+    chats, _ = _chat(client, "hi", ["base"])
+    assert _text(chats[0][-1]).strip()
+    # Greedy decoding: the same prompt to the same model gives the same reply.
+    client.predict(api_name="/clear")
+    again, _ = _chat(client, "Answer in upper case: hello", ["instruct"])
+    first, _ = _chat(client, "Answer in upper case: hello", ["", "", "instruct"])
+    assert _text(again[0][-1]) == _text(first[2][-1])
+
+
+def test_sampling_settings_reach_generation(client):
+    client.predict(api_name="/clear")  # both slots start from the same (empty) history
+    result = client.predict("hello", "ported", "", "", 6, 0.9, 0.8, 7, api_name="/chat")
+    sampled = _text(result[0][-1])
+    again = client.predict("hello", "", "ported", "", 6, 0.9, 0.8, 7, api_name="/chat")
+    assert sampled.strip() and _text(again[1][-1]) == sampled  # same seed, same sample
+
+
+def test_side_by_side_streams_and_one_broken_model_does_not_stop_the_others(space, tmp_path):
+    config = rs.toy_config(rs.default_cache_dir())
+    store = rs.ModelStore(config)
+    store.add(rs.ModelEntry("broken", str(tmp_path), "an empty folder"))
+    turn = [{"role": "user", "content": "hello"}]
+    snapshots = list(
+        rs.stream_side_by_side(
+            store, [turn, None, turn], ["instruct", None, "broken"], rs.Sampling(max_new_tokens=8)
+        )
+    )
+    final = snapshots[-1]
+    assert final[0].strip() and final[1] is None
+    assert final[2].startswith("[error: ") and "Error" in final[2]
+    assert len(snapshots) >= 2 and snapshots[0] != final  # replies are shown while they are generated
+
+
+def test_unknown_model_is_a_clear_error(client):
+    with pytest.raises(Exception, match="unknown model 'nope'"):
+        _chat(client, "hi", ["nope"])
+
+
+def test_port_tab_produces_a_model_that_chats(client, space, tmp_path):
+    status, *pickers = client.predict("instruct", "base", "cpt", 0.5, api_name="/port")
+    assert "Ported **cpt+residual-a0.5**" in status
+    name = "cpt+residual-a0.5"
+    assert pickers[2]["value"] == name
+    folder = Path(status.split("Saved in `")[1].split("`")[0])
+    assert (folder / "config.json").is_file() and list(folder.glob("*.safetensors"))
+
+    # It really is cpt + 0.5 * (instruct - base), tensor by tensor (one bfloat16 rounding).
+    import torch
+    from safetensors.torch import load_file
+
+    root = folder.parents[1] / "toy"
+    tensors = {k: load_file(next((root / k).glob("*.safetensors"))) for k in ("base", "instruct", "cpt")}
+    ported = load_file(next(folder.glob("*.safetensors")))
+    key = "model.layers.0.mlp.down_proj.weight"
+    expected = tensors["cpt"][key].float() + 0.5 * (
+        tensors["instruct"][key].float() - tensors["base"][key].float()
+    )
+    assert torch.allclose(ported[key].float(), expected, rtol=1e-2, atol=1e-3)
+    assert not torch.equal(ported[key], tensors["cpt"][key])
+
+    chats, _ = _chat(client, "hello", ["", "", name])
+    assert _text(chats[2][-1]).strip()
+
+
+def test_results_tab_shows_an_empty_state_for_the_toy_family(client):
+    note, table, plots = client.predict(api_name="/results")
+    text = note["value"] if isinstance(note, dict) else note
+    assert "No results yet" in text and "hf-residual demo" in text
+
+
+def test_prompts_use_each_models_chat_template(space):
+    store = rs.ModelStore(rs.toy_config(rs.default_cache_dir()))
+    messages = [{"role": "user", "content": "hello"}]
+    instruct_model, instruct_tok = store.get("instruct")
+    cpt_model, cpt_tok = store.get("cpt")
+    with_template = instruct_tok.decode(rs.prompt_ids(instruct_tok, messages)["input_ids"][0])
+    plain = cpt_tok.decode(rs.prompt_ids(cpt_tok, messages)["input_ids"][0])
+    assert with_template.endswith("<|user|>hello<|eot|><|assistant|>")
+    assert "<|user|>" not in plain and plain.endswith("hello")
+    assert rs.template_note(store.entry("instruct")) == "chat template"
+    assert rs.template_note(store.entry("cpt")).startswith("no chat template")
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_file_maps_names_to_folders_and_repo_ids(tmp_path):
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "results.json").write_text(json.dumps({"rows": [{"model": "mine", "if_strict": 0.5}]}))
+    config_file = tmp_path / "space.yaml"
+    config_file.write_text(
+        "models:\n"
+        "  mine: {path: models/mine, role: CPT'd base + residual}\n"
+        "  hub: my-org/my-model@main\n"
+        "results: [results.json]\n"
+        "chat: [hub, mine]\n"
+    )
+    config = rs.load_config(config_file)
+    assert config.models["mine"].ref == str((tmp_path / "models" / "mine").resolve())
+    assert config.models["mine"].label == "mine (CPT'd base + residual)"
+    assert config.models["hub"].ref == "my-org/my-model@main"
+    assert config.chat_defaults == ["hub", "mine"]
+    found = rs.load_results(config)
+    assert found.rows == [{"model": "mine", "if_strict": 0.5}]
+    plot = rs.plot_rows(found.rows, tmp_path / "plot.png")
+    assert plot is None or plot.stat().st_size > 1000
+
+
+def test_bare_json_mapping_and_environment_variable(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    config_file = tmp_path / "space.json"
+    config_file.write_text(json.dumps({"a": "a", "b": "org/b"}))
+    monkeypatch.setenv(rs.CONFIG_ENV, str(config_file))
+    config = rs.load_config()
+    assert list(config.models) == ["a", "b"] and config.chat_defaults == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("models:\n  x: ./missing-folder\n", "neither a folder"),
+        ("models:\n  x: {role: base}\n", "needs a folder or Hub repo id"),
+        ("[1, 2]\n", "must hold a mapping"),
+        ("models:\n  x: org/x\nchat: [y]\n", "unknown models"),
+        ("models: {x: org/x\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path, text, match):
+    from hf_residual.errors import ResidualError
+
+    config_file = tmp_path / "space.yaml"
+    config_file.write_text(text)
+    with pytest.raises(ResidualError, match=match):
+        rs.load_config(config_file)
+
+
+def test_missing_config_file_names_the_variable(tmp_path):
+    from hf_residual.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rs.CONFIG_ENV):
+        rs.load_config(tmp_path / "nope.yaml")
+
+
+def test_demo_output_folder_is_a_config(tmp_path):
+    """A folder laid out as `hf-residual demo` writes it: models/<name>/ and results.json."""
+    names = [
+        "base",
+        "instruct",
+        "cpt-base-S",
+        "cpt-instruct-S",
+        "ported-S",
+        "cpt-base-L",
+        "cpt-instruct-L",
+        "ported-L",
+    ]
+    for name in names:
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "config.json").write_text("{}")
+    rows = [{"model": n, "role": f"role of {n}", "if_strict": 0.1} for n in names if n != "ported-L"]
+    (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
+    config = rs.load_config(tmp_path)
+    assert list(config.models) == names  # the results table's order; unlisted models last
+    assert config.models["base"].role == "role of base"
+    assert config.models["ported-L"].role == "CPT'd base + residual"
+    assert config.chat_defaults == ["instruct", "cpt-instruct-L", "ported-L"]
+    assert rs.load_results(config).rows[0]["if_strict"] == 0.1
+    assert rs.guess_port_roles(list(config.models)) == ("instruct", "base", "cpt-base-L")
+
+
+def test_results_from_model_card_eval_results(tmp_path):
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    folder = tmp_path / "ported"
+    folder.mkdir()
+    data = ModelCardData(
+        model_name="ported",
+        eval_results=[EvalResult("text-generation", "ifeval", "IFEval", "prompt_level_strict_acc", 0.42)],
+    )
+    ModelCard.from_template(data).save(folder / "README.md")
+    config = rs.SpaceConfig({"ported": rs.ModelEntry("ported", str(folder), "ported")}, [], tmp_path)
+    found = rs.load_results(config)
+    assert found.rows == [{"model": "ported", "role": "ported", "IFEval prompt_level_strict_acc": 0.42}]
+    assert found.sources == [f"{folder}/README.md"]
+
+
+def test_results_tab_shows_the_table_and_a_plot(space, tmp_path, monkeypatch):
+    """A second app on the same toy models, with a results file (the rows `hf-residual demo` writes)."""
+    rows = [
+        {"model": "instruct", "role": "instruct", "if_strict": 0.5, "know_b": 0.1},
+        {"model": "ported", "role": "CPT'd base + residual", "if_strict": 0.4, "know_b": 0.6},
+    ]
+    (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
+    toy = rs.toy_config(rs.default_cache_dir())
+    config = rs.SpaceConfig(toy.models, [tmp_path / "results.json"], tmp_path, ["instruct", "ported"])
+    demo = load_space_app().build_app(config)
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, ssr_mode=False, quiet=True)
+    try:
+        note, table, plot = gradio_client.Client(demo.local_url, verbose=False).predict(api_name="/results")
+    finally:
+        demo.close()
+    assert "results.json" in (note["value"] if isinstance(note, dict) else note)
+    table = table.get("value", table)
+    assert table["headers"] == ["model", "role", "if_strict", "know_b"]
+    assert [r[0] for r in table["data"]] == ["instruct", "ported"]
+    image = plot["value"] if isinstance(plot, dict) and "value" in plot else plot
+    assert image and Path(image if isinstance(image, str) else image["path"]).stat().st_size > 1000
