@@ -42,3 +42,22 @@ def families(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama(families) -> ToyFamily:
     return families("llama", "bfloat16", max_shard_size="20KB")
+
+
+@pytest.fixture(scope="session")
+def local_hub(tmp_path_factory):
+    """A local Hub for the session: olah (offline) serving git repos, plus the upload test double."""
+    from hubserver import LocalHub
+
+    hub = LocalHub(tmp_path_factory.mktemp("local_hub")).start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def hub(local_hub, monkeypatch, tmp_path):
+    """huggingface_hub pointed at the local Hub for one test: fresh cache, no token, online."""
+    from hubserver import use_hub
+
+    use_hub(local_hub, monkeypatch, tmp_path)
+    return local_hub

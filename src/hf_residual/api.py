@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_residual import assets, cards, engine, lineage, plans
+from hf_residual import assets, cards, engine, hub, hub_base, hub_publish, lineage, plans
 from hf_residual.checkpoint import Checkpoint, open_checkpoint
 from hf_residual.errors import ConfigError, NotADescendantError
 from hf_residual.manifest import (
@@ -58,10 +60,12 @@ def _progress(
     return bar.update, bar.close
 
 
-def _execute(shards: list[engine.ShardPlan], staging: Path, description: str, progress: bool):
+def _execute(
+    shards: list[engine.ShardPlan], staging: Path, description: str, progress: bool, checksum: str = "wsum64"
+):
     update, close = _progress(engine.total_bytes(shards), description, progress)
     try:
-        return engine.execute(shards, staging, on_progress=update)
+        return engine.execute(shards, staging, checksum=checksum, on_progress=update)
     finally:
         close()
 
@@ -137,10 +141,66 @@ def _check_alpha(alpha: float) -> float:
     return alpha
 
 
+@dataclass(frozen=True)
+class Push:
+    """Where and how to publish a result on the Hub; ``repo_id`` None means do not publish."""
+
+    repo_id: str | None = None
+    create_pr: bool = False
+    private: bool | None = None
+    commit_message: str | None = None
+    dry_run: bool = False
+    token: str | None = None
+
+    def card_ref(self, default: str) -> str:
+        return self.repo_id or default
+
+
+@contextmanager
+def _destination(output: str | Path | None, push: Push) -> Iterator[Path]:
+    """The folder to write: ``output``, or a temporary one (removed after) when only publishing.
+
+    Publishing is checked here, before any download or arithmetic: repo id shape, and a token unless dry run.
+    """
+    if push.repo_id is not None:
+        hub_publish.check_repo_id(push.repo_id)
+        if not push.dry_run:
+            hub_publish.check_token(push.token)
+    if output is not None:
+        yield Path(output)
+        return
+    if push.repo_id is None:
+        raise ConfigError(
+            "no output: give an output folder (-o DIR), a repo to publish to (--push-to), or both"
+        )
+    with tempfile.TemporaryDirectory(prefix="hf-residual-") as tmp:
+        yield Path(tmp) / push.repo_id.rsplit("/", 1)[-1]
+
+
+def _publish(result: Result, push: Push) -> Result:
+    """Upload the verified output folder when asked; record what was (or would be) uploaded."""
+    if push.repo_id is not None:
+        result.details["publication"] = hub_publish.publish(
+            result.output,
+            push.repo_id,
+            create_pr=push.create_pr,
+            private=push.private,
+            commit_message=push.commit_message,
+            token=push.token,
+            dry_run=push.dry_run,
+        )
+    return result
+
+
+def _find_base(instruct_model: ResolvedModel, ref: str | Path) -> tuple[str, str]:
+    choice = hub_base.find_base(instruct_model.path, instruct_model.identity.repo_id, str(ref))
+    return choice.ref, choice.source
+
+
 def extract(
     instruct: str | Path,
-    base: str | Path,
-    output: str | Path,
+    base: str | Path | None = None,
+    output: str | Path | None = None,
     *,
     dtype: str = "bfloat16",
     instruct_revision: str | None = None,
@@ -148,20 +208,63 @@ def extract(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: bool = True,
+    push_to: str | None = None,
+    create_pr: bool = False,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
 ) -> Result:
-    """Write the residual ``instruct - base`` to a residual folder (weights, manifest, tokenizer, card)."""
+    """Write the residual ``instruct - base`` to a residual folder (weights, manifest, tokenizer, card).
+
+    ``base`` None: found from the instruct card's ``base_model`` or the table of known pairs.
+    ``push_to``: publish the verified folder to that Hub repo (one commit, or a PR with ``create_pr``);
+    ``output`` may then be None (a temporary folder is used). ``dry_run`` uploads nothing.
+    """
+    push = Push(push_to, create_pr, private, commit_message, dry_run, token)
+    with _destination(output, push) as out, hub.progress_bars(progress):
+        result = _extract(
+            instruct,
+            base,
+            out,
+            dtype,
+            instruct_revision,
+            base_revision,
+            max_shard_size,
+            overwrite,
+            progress,
+            push,
+        )
+        result.details["temporary_output"] = output is None
+        return _publish(result, push)
+
+
+def _extract(
+    instruct: str | Path,
+    base: str | Path | None,
+    output: Path,
+    dtype: str,
+    instruct_revision: str | None,
+    base_revision: str | None,
+    max_shard_size: str | int,
+    overwrite: bool,
+    progress: bool,
+    push: Push,
+) -> Result:
     codec = _normalise_dtype(dtype)
-    output = Path(output)
     check_destination(output.absolute(), overwrite=overwrite)
-    instruct_model = resolve(instruct, instruct_revision, role="instruct model")
-    base_model = resolve(base, base_revision, role="base model")
+    instruct_model = resolve(instruct, instruct_revision, role="instruct model", token=push.token)
+    base_source = "given"
+    if base is None:
+        base, base_source = _find_base(instruct_model, instruct)
+    base_model = resolve(base, base_revision, role="base model", token=push.token)
     i_ckpt, b_ckpt = open_checkpoint(instruct_model.path), open_checkpoint(base_model.path)
     pairs = plans.pair(i_ckpt, b_ckpt)
     jobs = plans.extract_jobs(pairs, CODECS[codec])
     shards = engine.plan_shards(jobs, WEIGHTS_PREFIX, parse_size(max_shard_size))
     samples = _base_samples(b_ckpt)
     with staged_output(output, overwrite=overwrite, required_bytes=engine.total_bytes(shards)) as staging:
-        stats = _execute(shards, staging, "extract", progress)
+        stats = _execute(shards, staging, "extract", progress, checksum="sha256")
         engine.write_index(staging, WEIGHTS_PREFIX, shards)
         manifest = Manifest(
             codec=codec,
@@ -191,13 +294,25 @@ def extract(
         assets.copy_chat_assets(instruct_model.path, staging)
         if i_ckpt.config:
             assets.write_json(staging / assets.INSTRUCT_CONFIG, i_ckpt.config)
-        (staging / "README.md").write_text(cards.residual_card(manifest))
+        license = _license(instruct_model.path, base_model.path)
+        card = cards.residual_card(manifest, push.card_ref("RESIDUAL_FOLDER_OR_REPO"), license=license)
+        (staging / "README.md").write_text(card)
     return Result(
         output,
         len(jobs),
         engine.total_bytes(shards),
-        {"codec": codec, "lossless": manifest.lossless, "inexact_elements": manifest.inexact_elements},
+        {
+            "codec": codec,
+            "lossless": manifest.lossless,
+            "inexact_elements": manifest.inexact_elements,
+            "base": str(base),
+            "base_source": base_source,
+        },
     )
+
+
+def _license(*folders: Path) -> dict:
+    return hub_base.agreed_license([hub_base.read_card_data(folder) for folder in folders])
 
 
 def _write_model_extras(
@@ -218,7 +333,7 @@ def _write_model_extras(
 def apply(
     residual: str | Path,
     to: str | Path,
-    output: str | Path,
+    output: str | Path | None = None,
     *,
     alpha: float = 1.0,
     revision: str | None = None,
@@ -227,13 +342,53 @@ def apply(
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
+    push_to: str | None = None,
+    create_pr: bool = False,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
 ) -> Result:
-    """Write ``target + alpha * residual`` as a complete transformers model folder."""
+    """Write ``target + alpha * residual`` as a complete transformers model folder.
+
+    ``push_to`` publishes the verified folder (see ``extract``); ``output`` may then be None.
+    """
+    push = Push(push_to, create_pr, private, commit_message, dry_run, token)
+    with _destination(output, push) as out, hub.progress_bars(progress):
+        result = _apply(
+            residual,
+            to,
+            out,
+            alpha,
+            revision,
+            target_revision,
+            max_shard_size,
+            overwrite,
+            force,
+            progress,
+            push,
+        )
+        result.details["temporary_output"] = output is None
+        return _publish(result, push)
+
+
+def _apply(
+    residual: str | Path,
+    to: str | Path,
+    output: Path,
+    alpha: float,
+    revision: str | None,
+    target_revision: str | None,
+    max_shard_size: str | int,
+    overwrite: bool,
+    force: bool,
+    progress: bool,
+    push: Push,
+) -> Result:
     alpha = _check_alpha(alpha)
-    output = Path(output)
     check_destination(output.absolute(), overwrite=overwrite)
-    residual_model = resolve(residual, revision, role="residual")
-    target_model = resolve(to, target_revision, role="target model")
+    residual_model = resolve(residual, revision, role="residual", token=push.token)
+    target_model = resolve(to, target_revision, role="target model", token=push.token)
     manifest = read_manifest(residual_model.path)
     r_ckpt = open_checkpoint(residual_model.path, prefix=WEIGHTS_PREFIX)
     t_ckpt = open_checkpoint(target_model.path)
@@ -257,6 +412,8 @@ def apply(
             alpha=alpha,
             codec=manifest.codec,
             distance=distance,
+            model_ref=push.card_ref("PATH_OR_REPO_OF_THIS_MODEL"),
+            license=_license(residual_model.path, target_model.path),
         )
         _write_model_extras(staging, t_ckpt, instruct_config, grown, residual_model.path, card)
     return Result(output, len(jobs), engine.total_bytes(shards), {"alpha": alpha, "distance": distance})
@@ -265,7 +422,7 @@ def apply(
 def port(
     source: str | Path,
     to: str | Path,
-    output: str | Path,
+    output: str | Path | None = None,
     *,
     base: str | Path | None = None,
     alpha: float = 1.0,
@@ -276,31 +433,76 @@ def port(
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
+    push_to: str | None = None,
+    create_pr: bool = False,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
 ) -> Result:
-    """``target + alpha * (instruct - base)`` in one pass; ``source`` may also be a residual folder."""
+    """``target + alpha * (instruct - base)`` in one pass; ``source`` may also be a residual folder or repo.
+
+    ``base`` None: found from the instruct card's ``base_model`` or the table of known pairs.
+    ``push_to`` publishes the verified folder (see ``extract``); ``output`` may then be None.
+    """
+    push = Push(push_to, create_pr, private, commit_message, dry_run, token)
+    with _destination(output, push) as out, hub.progress_bars(progress):
+        result = _port(
+            source,
+            to,
+            out,
+            base,
+            alpha,
+            revision,
+            base_revision,
+            target_revision,
+            max_shard_size,
+            overwrite,
+            force,
+            progress,
+            push,
+        )
+        result.details["temporary_output"] = output is None
+        return _publish(result, push)
+
+
+def _port(
+    source: str | Path,
+    to: str | Path,
+    output: Path,
+    base: str | Path | None,
+    alpha: float,
+    revision: str | None,
+    base_revision: str | None,
+    target_revision: str | None,
+    max_shard_size: str | int,
+    overwrite: bool,
+    force: bool,
+    progress: bool,
+    push: Push,
+) -> Result:
     alpha = _check_alpha(alpha)
-    source_model = resolve(source, revision, role="source")
+    source_model = resolve(source, revision, role="source", token=push.token)
     if is_residual_folder(source_model.path):
-        return apply(
+        return _apply(
             source_model.path,
             to,
             output,
-            alpha=alpha,
-            target_revision=target_revision,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            force=force,
-            progress=progress,
+            alpha,
+            None,
+            target_revision,
+            max_shard_size,
+            overwrite,
+            force,
+            progress,
+            push,
         )
+    base_source = "given"
     if base is None:
-        raise ConfigError(
-            f"{source}: is an instruct model, so its base is needed: pass --base BASE (the model it was "
-            "fine-tuned from), or give a residual folder made by hf-residual extract as SOURCE"
-        )
-    output = Path(output)
+        base, base_source = _find_base(source_model, source)
     check_destination(output.absolute(), overwrite=overwrite)
-    base_model = resolve(base, base_revision, role="base model")
-    target_model = resolve(to, target_revision, role="target model")
+    base_model = resolve(base, base_revision, role="base model", token=push.token)
+    target_model = resolve(to, target_revision, role="target model", token=push.token)
     i_ckpt, b_ckpt, t_ckpt = (open_checkpoint(m.path) for m in (source_model, base_model, target_model))
     pairs = plans.pair(i_ckpt, b_ckpt)
     plans.check_target(t_ckpt, {n: info.shape for n, info in b_ckpt.tensors.items()}, b_ckpt.model_type)
@@ -319,9 +521,12 @@ def port(
             alpha=alpha,
             codec="none (computed in one pass)",
             distance=distance,
+            model_ref=push.card_ref("PATH_OR_REPO_OF_THIS_MODEL"),
+            license=_license(target_model.path, source_model.path, base_model.path),
         )
         _write_model_extras(staging, t_ckpt, i_ckpt.config, grown, source_model.path, card)
-    return Result(output, len(jobs), engine.total_bytes(shards), {"alpha": alpha, "distance": distance})
+    details = {"alpha": alpha, "distance": distance, "base": str(base), "base_source": base_source}
+    return Result(output, len(jobs), engine.total_bytes(shards), details)
 
 
 def _read_json(path: Path) -> dict:
@@ -350,9 +555,9 @@ def _layer_key(name: str) -> str:
     return parts[-2] if len(parts) > 1 else name
 
 
-def inspect(path: str | Path, *, revision: str | None = None) -> Summary:
-    """Summarise a model or residual folder; for a residual, ``|R| / |B|`` per layer."""
-    model = resolve(path, revision)
+def inspect(path: str | Path, *, revision: str | None = None, token: str | None = None) -> Summary:
+    """Summarise a model or residual folder (or Hub repo); for a residual, ``|R| / |B|`` per layer."""
+    model = resolve(path, revision, token=token)
     residual = is_residual_folder(model.path)
     manifest = read_manifest(model.path) if residual else None
     ckpt = open_checkpoint(model.path, prefix=WEIGHTS_PREFIX if residual else "model")

@@ -27,9 +27,16 @@ def _ref(identity: ModelIdentity) -> str:
     return identity.repo_id or identity.name
 
 
-def _front_matter(parents: list[ModelIdentity], relation: str, extra_tags: list[str] | None = None) -> str:
+def _front_matter(
+    parents: list[ModelIdentity],
+    relation: str,
+    extra_tags: list[str] | None = None,
+    license: dict | None = None,
+) -> str:
+    """YAML front matter; ``license`` holds license (and license_name/link) only when all parents agree."""
     data = {
-        "base_model": [p.repo_id for p in parents if p.repo_id] or None,
+        **(license or {}),
+        "base_model": list(dict.fromkeys(p.repo_id for p in parents if p.repo_id)) or None,
         "base_model_relation": relation,
         "library_name": "transformers" if relation == "merge" else "hf-residual",
         "tags": TAGS + list(extra_tags or []),
@@ -38,10 +45,12 @@ def _front_matter(parents: list[ModelIdentity], relation: str, extra_tags: list[
     return yaml.safe_dump(data, sort_keys=False).strip()
 
 
-def residual_card(manifest: Manifest, residual_ref: str = "RESIDUAL_FOLDER_OR_REPO") -> str:
+def residual_card(
+    manifest: Manifest, residual_ref: str = "RESIDUAL_FOLDER_OR_REPO", license: dict | None = None
+) -> str:
     """README.md of a residual folder or repo."""
     return _template("residual.md.j2").render(
-        card_data=_front_matter([manifest.instruct, manifest.base], "adapter"),
+        card_data=_front_matter([manifest.instruct, manifest.base], "adapter", license=license),
         instruct=manifest.instruct,
         base=manifest.base,
         model_type=manifest.model_type,
@@ -62,10 +71,11 @@ def ported_card(
     codec: str,
     distance: float,
     model_ref: str = "PATH_OR_REPO_OF_THIS_MODEL",
+    license: dict | None = None,
 ) -> str:
     """README.md of a ported model."""
     return _template("ported.md.j2").render(
-        card_data=_front_matter([target, instruct, base], "merge"),
+        card_data=_front_matter([target, instruct, base], "merge", license=license),
         title=f"{_ref(target)} + instruction residual of {_ref(instruct)}",
         target=target,
         instruct=instruct,

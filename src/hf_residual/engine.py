@@ -13,6 +13,7 @@ Math of one segment, in float32, one rounding at the end:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import queue
 import threading
@@ -28,6 +29,8 @@ from hf_residual.errors import NonFiniteError, VerificationError
 from hf_residual.safetensors_io import ITEMSIZE, OutputTensor, TensorInfo, encode_header, read_header
 
 DEFAULT_BLOCK = 1 << 16
+# How the fused path reads inputs: "pread" (copy into reused buffers) or "mmap" (map each block).
+READ_MODE = os.environ.get("HF_RESIDUAL_READ", "pread")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 _HASH_CHUNK = 8 * 1024 * 1024
 
@@ -404,6 +407,41 @@ def _fused_kernel(segment: Segment, out_dtype: str):
     return None
 
 
+class _MappedInputs:
+    """Input blocks mapped straight from the page cache (no copy), unmapped as soon as they are used.
+
+    Mapping each block (``MAP_POPULATE``) and unmapping it right after keeps the resident set at a few
+    blocks, where one mapping of a whole file would count every touched page in RSS.
+    """
+
+    def __init__(self) -> None:
+        self._maps: list[mmap.mmap] = []
+
+    def view(self, fd: int, source: Source, offset: int, count: int) -> np.ndarray:
+        info = source.info
+        start = info.offset + (source.start + offset) * info.itemsize
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        nbytes = count * info.itemsize
+        mapped = mmap.mmap(
+            fd,
+            nbytes + start - aligned,
+            flags=mmap.MAP_SHARED | _MAP_POPULATE,
+            prot=mmap.PROT_READ,
+            offset=aligned,
+        )
+        self._maps.append(mapped)
+        return np.frombuffer(mapped, dtype=fused.VIEW_DTYPES[info.dtype], count=count, offset=start - aligned)
+
+    def close(self) -> None:
+        """Unmap; every array viewing a block must be gone by now."""
+        for mapped in self._maps:
+            mapped.close()
+        self._maps.clear()
+
+
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
 def _read_view(
     role: int, source: Source, offset: int, count: int, files: _Files, buffers: kernels.BlockBuffers
 ) -> np.ndarray:
@@ -425,17 +463,37 @@ def _run_fused(
     out: np.ndarray,
     out_dtype: str,
 ) -> int:
-    plus = _read_view(0, segment.plus, offset, count, files, buffers)
     target = out[: count * ITEMSIZE[out_dtype]].view(fused.VIEW_DTYPES[out_dtype])
     alpha = np.float32(segment.alpha)
+    if READ_MODE == "mmap":
+        maps = _MappedInputs()
+        try:
+            views = [
+                maps.view(files.fd(s.info.file), s, offset, count)
+                for s in (segment.plus, segment.minus, segment.addend)
+                if s is not None
+            ]
+            worst = _call_kernel(kernel, views, alpha, target)
+            del views
+        finally:
+            maps.close()
+        return worst
+    views = [
+        _read_view(role, s, offset, count, files, buffers)
+        for role, s in enumerate((segment.plus, segment.minus, segment.addend))
+        if s is not None
+    ]
+    return _call_kernel(kernel, views, alpha, target)
+
+
+def _call_kernel(kernel, views: list[np.ndarray], alpha: np.float32, target: np.ndarray) -> int:
     if kernel is fused.port_block:
-        minus = _read_view(1, segment.minus, offset, count, files, buffers)
-        addend = _read_view(2, segment.addend, offset, count, files, buffers)
+        plus, minus, addend = views
         return int(kernel(plus, minus, alpha, addend, target))
     if kernel is fused.apply_block:
-        addend = _read_view(2, segment.addend, offset, count, files, buffers)
+        plus, addend = views
         return int(kernel(plus, alpha, addend, target))
-    return int(kernel(plus, target))
+    return int(kernel(views[0], target))
 
 
 def _sum_squares(values: np.ndarray) -> float:

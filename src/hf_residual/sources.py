@@ -1,4 +1,4 @@
-"""Resolve a model argument (a local folder, later also a Hub repo id) to a local folder and identity."""
+"""Resolve a model argument (a local folder or a Hub repo id, ``repo@rev``) to a local folder and identity."""
 
 from __future__ import annotations
 
@@ -25,13 +25,22 @@ def split_revision(ref: str, revision: str | None = None) -> tuple[str, str | No
     return ref, revision
 
 
-def resolve(ref: str | Path, revision: str | None = None, *, role: str = "model") -> ResolvedModel:
-    """Find ``ref`` on local disk. Hub repo ids are resolved by ``hf_residual.hub`` when available."""
+def resolve(
+    ref: str | Path, revision: str | None = None, *, role: str = "model", token: str | None = None
+) -> ResolvedModel:
+    """Find ``ref`` on local disk; an ``org/name`` that is not a local folder is fetched from the Hub.
+
+    A Hub revision is pinned to its commit sha once; the sha goes into the identity (manifest, card).
+    """
     text, revision = split_revision(str(ref), revision)
     path = Path(text).expanduser()
     if path.exists():
         return ResolvedModel(path, ModelIdentity(name=path.name))
+    from hf_residual import hub
+
+    if hub.is_repo_id(text):
+        return hub.resolve(text, revision, role=role, token=token)
     raise InputNotFoundError(
         f"{role} {text!r}: no such local folder. Give the path of a folder holding config.json and "
-        "*.safetensors weights"
+        "*.safetensors weights, or a Hub repo id such as org/name"
     )

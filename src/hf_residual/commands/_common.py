@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-MODEL_HELP = "a local model folder (Hub repo ids, optionally repo@revision, come with Hub support)"
+MODEL_HELP = "a local folder, or a Hub repo id (org/name, optionally org/name@revision)"
 
 
 def add_output(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "-o",
         "--output",
-        required=True,
         metavar="DIR",
-        help=f"folder to write the {what} to; written beside it first and renamed when complete",
+        help=f"folder to write the {what} to; written beside it first and renamed when complete "
+        "(optional with --push-to: a temporary folder is used and removed after the upload)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it already exists")
     parser.add_argument(
@@ -49,3 +49,69 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def add_revision(parser: argparse.ArgumentParser, flag: str, what: str, arg: str) -> None:
+    parser.add_argument(
+        flag,
+        metavar="REV",
+        help=f"Hub branch, tag or commit of {what} (same as {arg}@REV); pinned to its "
+        "commit sha, which is recorded in the manifest and card",
+    )
+
+
+def add_token(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="Hugging Face token (default: HF_TOKEN, then the saved `hf auth login`); never printed or saved",
+    )
+
+
+def add_publish(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group("publishing on the Hugging Face Hub")
+    group.add_argument(
+        "--push-to",
+        metavar="REPO",
+        help=f"upload the {what} to this Hub repo (org/name; created if missing) in one commit, only after "
+        "the local output verified itself",
+    )
+    group.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    group.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+    group.add_argument("--commit-message", metavar="TEXT", help="message of the upload commit")
+    group.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compute and verify the output, print the files and card that would be uploaded, upload nothing",
+    )
+    add_token(parser)
+
+
+def publish_kwargs(args: argparse.Namespace) -> dict:
+    """The API keyword arguments of the publishing flags."""
+    return {
+        "push_to": args.push_to,
+        "create_pr": args.create_pr,
+        "private": args.private,
+        "commit_message": args.commit_message,
+        "dry_run": args.dry_run,
+        "token": args.token,
+    }
+
+
+def print_base(details: dict) -> None:
+    if details.get("base_source") not in (None, "given"):
+        print(f"base: {details['base']} (found in {details['base_source']}; --base overrides)")
+
+
+def print_publication(details: dict) -> None:
+    publication = details.get("publication")
+    if publication is not None:
+        print(publication.describe())
+
+
+def output_label(result) -> str:
+    """Where the output is, or that it was a temporary folder removed after the upload."""
+    if result.details.get("temporary_output"):
+        return f"{result.output.name} (temporary folder, removed after publishing)"
+    return str(result.output)

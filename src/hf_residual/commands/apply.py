@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from hf_residual.commands._common import MODEL_HELP, add_alpha, add_force, add_output, add_quiet, human_bytes
+from hf_residual.commands._common import (
+    MODEL_HELP,
+    add_alpha,
+    add_force,
+    add_output,
+    add_publish,
+    add_quiet,
+    add_revision,
+    human_bytes,
+    output_label,
+    print_publication,
+    publish_kwargs,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,18 +29,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "residual", metavar="RESIDUAL", help="a residual folder written by hf-residual extract"
+        "residual",
+        metavar="RESIDUAL",
+        help="a residual written by hf-residual extract: a local folder or a Hub repo id (org/name[@rev])",
     )
+    add_revision(parser, "--revision", "the residual", "RESIDUAL")
     parser.add_argument(
         "--to",
         required=True,
         metavar="TARGET",
         help=f"the continually pre-trained (or derived) model to add the residual to: {MODEL_HELP}",
     )
+    add_revision(parser, "--target-revision", "the target", "TARGET")
     add_output(parser, "ported model")
     add_alpha(parser)
     add_force(parser)
     add_quiet(parser)
+    add_publish(parser, "ported model")
     parser.set_defaults(func=run)
 
 
@@ -40,13 +57,17 @@ def run(args: argparse.Namespace) -> int:
         args.to,
         args.output,
         alpha=args.alpha,
+        revision=args.revision,
+        target_revision=args.target_revision,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         force=args.force,
         progress=not args.quiet,
+        **publish_kwargs(args),
     )
     print(
-        f"wrote model {result.output}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
+        f"wrote model {output_label(result)}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
         f"alpha {result.details['alpha']}"
     )
+    print_publication(result.details)
     return 0

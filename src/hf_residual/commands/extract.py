@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from hf_residual.commands._common import MODEL_HELP, add_output, add_quiet, human_bytes
+from hf_residual.commands._common import (
+    MODEL_HELP,
+    add_output,
+    add_publish,
+    add_quiet,
+    add_revision,
+    human_bytes,
+    output_label,
+    print_base,
+    print_publication,
+    publish_kwargs,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,13 +25,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Compute the instruction residual R = INSTRUCT - BASE, tensor by tensor (float32 math), and write "
             "a residual folder: sharded safetensors with an index, a manifest (residual.json) with checksums, "
-            "the instruct model's tokenizer, chat template and generation config, and a model card."
+            "the instruct model's tokenizer, chat template and generation config, and a model card. "
+            "With --push-to it is published as a residual repo that `hf-residual apply` and `port` take."
         ),
     )
     parser.add_argument("instruct", metavar="INSTRUCT", help=f"the instruction-tuned model: {MODEL_HELP}")
     parser.add_argument(
-        "--base", required=True, metavar="BASE", help=f"the model INSTRUCT was tuned from: {MODEL_HELP}"
+        "--base",
+        metavar="BASE",
+        help=f"the model INSTRUCT was tuned from: {MODEL_HELP}. Optional: found from INSTRUCT's card "
+        "(base_model) or hf-residual's table of known pairs; when given, it always wins",
     )
+    add_revision(parser, "--revision", "the instruct model", "INSTRUCT")
+    add_revision(parser, "--base-revision", "the base", "BASE")
     add_output(parser, "residual folder")
     parser.add_argument(
         "--dtype",
@@ -30,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or float32 (lossless: base + residual gives instruct back bit for bit)",
     )
     add_quiet(parser)
+    add_publish(parser, "residual")
     parser.set_defaults(func=run)
 
 
@@ -41,10 +59,14 @@ def run(args: argparse.Namespace) -> int:
         args.base,
         args.output,
         dtype=args.dtype,
+        instruct_revision=args.revision,
+        base_revision=args.base_revision,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        **publish_kwargs(args),
     )
+    print_base(result.details)
     if result.details["lossless"]:
         lossless = "lossless, verified"
     elif result.details["codec"] == "float32":
@@ -52,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         lossless = "lossy: within one bfloat16 rounding"
     print(
-        f"wrote residual {result.output}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
+        f"wrote residual {output_label(result)}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
         f"{result.details['codec']} ({lossless})"
     )
+    print_publication(result.details)
     return 0

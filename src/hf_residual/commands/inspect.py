@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hf_residual.commands._common import human_bytes
+from hf_residual.commands._common import MODEL_HELP, add_token, human_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +13,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="summarise models or residuals: tensors, dtypes, size, per-layer |R| / |B|",
         description="Summarise each PATH. For a residual folder, also the relative norm |R| / |B| per layer.",
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="model or residual folders")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help=f"models or residuals, each {MODEL_HELP}")
+    parser.add_argument(
+        "--revision", metavar="REV", help="Hub branch, tag or commit (for every PATH; or PATH@REV each)"
+    )
+    add_token(parser)
     parser.set_defaults(func=run)
 
 
@@ -21,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from hf_residual import api
 
     for path in args.paths:
-        summary = api.inspect(path)
+        summary = api.inspect(path, revision=args.revision, token=args.token)
         dtypes = ", ".join(f"{d}: {n:,} params" for d, n in sorted(summary.dtypes.items()))
         print(f"{summary.path} [{summary.kind}, {summary.model_type or 'unknown architecture'}]")
         print(f"  {summary.tensors} tensors, {human_bytes(summary.bytes)}; {dtypes}")

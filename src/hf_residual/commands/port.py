@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from hf_residual.commands._common import MODEL_HELP, add_alpha, add_force, add_output, add_quiet, human_bytes
+from hf_residual.commands._common import (
+    MODEL_HELP,
+    add_alpha,
+    add_force,
+    add_output,
+    add_publish,
+    add_quiet,
+    add_revision,
+    human_bytes,
+    output_label,
+    print_base,
+    print_publication,
+    publish_kwargs,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,23 +25,38 @@ def register(sub: argparse._SubParsersAction) -> None:
         "port",
         help="port instruction following to a target: TARGET + alpha * (SOURCE - BASE), in one pass",
         description=(
-            "Port the instruction residual of SOURCE onto TARGET without writing the residual. SOURCE is an "
-            "instruction-tuned model (then --base names the model it was tuned from) or a residual folder "
-            "written by `hf-residual extract`. TARGET is a continually pre-trained version of the base, or "
-            "another model derived from it. The output is a complete transformers model folder."
+            "Port the instruction residual of SOURCE onto TARGET without writing the residual: "
+            "OUTPUT = TARGET + ALPHA * (SOURCE - BASE). SOURCE is an instruction-tuned model, or a residual folder or repo "
+            "written by `hf-residual extract`. TARGET (--to) is a continually pre-trained version of the "
+            "base, or another model derived from it. BASE (--base) is the model SOURCE was fine-tuned from; "
+            "when omitted it is found from SOURCE's model card (base_model) or hf-residual's table of known "
+            "pairs. Every model may be a local folder or a Hub repo id (org/name, or org/name@revision); Hub "
+            "revisions are pinned to commit shas, recorded in the card. The output is a complete "
+            "transformers model folder (-o) and/or a Hub repo (--push-to). Example: hf-residual port "
+            "meta-llama/Llama-3.1-8B-Instruct --to my-org/my-cpt-model --push-to my-org/my-cpt-model-instruct"
         ),
     )
-    parser.add_argument("source", metavar="SOURCE", help=f"instruct model or residual folder: {MODEL_HELP}")
-    parser.add_argument("--to", required=True, metavar="TARGET", help=f"the model to port to: {MODEL_HELP}")
+    parser.add_argument("source", metavar="SOURCE", help=f"instruct model or residual: {MODEL_HELP}")
+    parser.add_argument(
+        "--to",
+        required=True,
+        metavar="TARGET",
+        help=f"the model to port to (a continually pre-trained or derived version of BASE): {MODEL_HELP}",
+    )
     parser.add_argument(
         "--base",
         metavar="BASE",
-        help="the base SOURCE was fine-tuned from (needed when SOURCE is an instruct model)",
+        help="the model SOURCE was fine-tuned from, when SOURCE is an instruct model. Optional: found from "
+        "SOURCE's card (base_model) or hf-residual's table of known pairs; when given, it always wins",
     )
+    add_revision(parser, "--revision", "the source", "SOURCE")
+    add_revision(parser, "--base-revision", "the base", "BASE")
+    add_revision(parser, "--target-revision", "the target", "TARGET")
     add_output(parser, "ported model")
     add_alpha(parser)
     add_force(parser)
     add_quiet(parser)
+    add_publish(parser, "ported model")
     parser.set_defaults(func=run)
 
 
@@ -41,13 +69,19 @@ def run(args: argparse.Namespace) -> int:
         args.output,
         base=args.base,
         alpha=args.alpha,
+        revision=args.revision,
+        base_revision=args.base_revision,
+        target_revision=args.target_revision,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         force=args.force,
         progress=not args.quiet,
+        **publish_kwargs(args),
     )
+    print_base(result.details)
     print(
-        f"wrote model {result.output}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
+        f"wrote model {output_label(result)}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
         f"alpha {result.details['alpha']}, |target - base| / |base| = {result.details['distance']:.4f}"
     )
+    print_publication(result.details)
     return 0
