@@ -43,6 +43,22 @@ def test_port_matches_float32_reference_bit_for_bit(families, tmp_path, arch, dt
         assert torch.equal(bits(out[name]), bits(expected)), name
 
 
+@pytest.mark.parametrize("block", [1000, 2049])
+def test_tensors_spanning_many_blocks_are_exact(families, tmp_path, monkeypatch, kernel_path, block):
+    """Blocks much smaller than the tensors (and not dividing their sizes): same bits as the reference."""
+    from hf_residual import engine
+
+    monkeypatch.setattr(engine, "DEFAULT_BLOCK", block)
+    family = families("qwen2", "bfloat16")
+    result = api.port(
+        family.instruct, family.cpt, tmp_path / "out", base=family.base, alpha=0.9, progress=False
+    )
+    out, t, i, b = (load_tensors(p) for p in (result.output, family.cpt, family.instruct, family.base))
+    assert max(x.numel() for x in t.values()) > 4 * block
+    for name in t:
+        assert torch.equal(bits(out[name]), bits(reference_port(t[name], i[name], b[name], 0.9))), name
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_float32_residual_is_lossless(families, tmp_path, arch, dtype, kernel_path):
