@@ -1,3 +1,3 @@
 """Sub-commands of ``hf-residual``, one module each, registered in this order."""
 
-COMMAND_MODULES = ["extract", "apply", "port", "inspect", "demo"]
+COMMAND_MODULES = ["extract", "apply", "port", "inspect", "demo", "corpus", "cpt"]
