@@ -1,0 +1,38 @@
+"""``hf-residual compare``: the paper's comparison table, deltas and bar charts from results folders."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "compare",
+        help="compare evaluated models: Markdown table, deltas, one PNG bar chart per category",
+        description=(
+            "Read the results of `hf-residual eval` and write REPORT_DIR/comparison.md (rows: benchmark and "
+            "metric; columns: models; sub-averages for instruction following, reasoning and truthfulness, an "
+            "overall average; best per row in bold), deltas.txt and one PNG bar chart per category."
+        ),
+    )
+    parser.add_argument(
+        "results", nargs="+", metavar="RESULTS_DIR", help="folder(s) written by hf-residual eval"
+    )
+    parser.add_argument("-o", "--output", required=True, metavar="REPORT_DIR", help="folder for the report")
+    parser.add_argument(
+        "--reference",
+        metavar="MODEL",
+        help="model the deltas are measured against (default: the first column)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hf_residual.evaluation.compare import compare
+
+    report = compare(args.results, args.output, reference=args.reference)
+    print(report.markdown.split("## Deltas")[0].split("\n", 2)[2].rstrip())
+    if report.deltas:
+        print("\n" + report.deltas.rstrip())
+    print("\nwrote " + ", ".join(str(p) for p in report.files))
+    return 0

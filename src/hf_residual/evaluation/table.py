@@ -1,0 +1,155 @@
+"""The comparison table of the paper (Tables 2-4) built from stored lm-eval results.
+
+Rows are benchmark/metric pairs grouped by category (instruction following, reasoning, truthfulness), with
+a sub-average per category and an overall average over every row, as in the paper; columns are models.
+Values are percentages (lm-eval reports fractions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hf_residual.errors import ConfigError
+from hf_residual.evaluation.store import ResultsStore
+from hf_residual.evaluation.suites import CATEGORIES, OTHER
+
+SKIP_KEYS = {"name", "alias", "sample_len", " "}
+
+
+@dataclass(frozen=True)
+class Row:
+    category: str
+    benchmark: str
+    metric: str
+    task: str
+    key: str
+
+
+@dataclass
+class Table:
+    """Values in percent: ``values[(row.task, row.key)][model]``; models in column order."""
+
+    models: list[str]
+    rows: list[Row]
+    values: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    shas: dict[str, str] = field(default_factory=dict)
+    repo_ids: dict[str, str | None] = field(default_factory=dict)
+
+    def value(self, row: Row, model: str) -> float | None:
+        return self.values.get((row.task, row.key), {}).get(model)
+
+    def categories(self) -> list[str]:
+        present = {r.category for r in self.rows}
+        return [c for c in (*CATEGORIES, OTHER) if c in present]
+
+    def average(self, model: str, category: str | None = None) -> float | None:
+        """Mean of the model's values over a category's rows (all rows for ``None``)."""
+        found = [
+            v for r in self.rows if category in (None, r.category) and (v := self.value(r, model)) is not None
+        ]
+        return sum(found) / len(found) if found else None
+
+
+def metric_value(lm_eval: dict, task: str, key: str) -> float | None:
+    for section in ("groups", "results"):
+        value = (lm_eval.get(section) or {}).get(task, {}).get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _metrics(record: dict) -> dict[str, str]:
+    """The task spec's metrics, or (``--tasks``) every numeric metric lm-eval reported."""
+    spec = record["task"]
+    if spec["metrics"]:
+        return spec["metrics"]
+    reported = record["lm_eval"].get("results", {}).get(spec["task"], {})
+    return {
+        key: key.removesuffix(",none")
+        for key, value in reported.items()
+        if key not in SKIP_KEYS and "_stderr" not in key and isinstance(value, (int, float))
+    }
+
+
+def build_table(results_dirs: list[str | Path]) -> Table:
+    """Gather every stored result of the folders into one table (later folders' models to the right)."""
+    table = Table([], [])
+    order: dict[Row, tuple] = {}
+    for folder in results_dirs:
+        for record in ResultsStore(folder).records():
+            model = record["model"]
+            label = model["label"]
+            if label in table.shas and table.shas[label] != model["sha"]:
+                label = f"{label} ({Path(folder).name})"
+            if label not in table.models:
+                table.models.append(label)
+                table.shas[label], table.repo_ids[label] = model["sha"], model.get("repo_id")
+            spec = record["task"]
+            for i, (key, metric) in enumerate(_metrics(record).items()):
+                row = Row(spec["category"], spec["label"], metric, spec["task"], key)
+                order.setdefault(row, (record.get("position", 0), i))
+                value = metric_value(record["lm_eval"], spec["task"], key)
+                if value is not None:
+                    table.values.setdefault((row.task, row.key), {})[label] = 100 * value
+    if not table.models:
+        raise ConfigError(
+            f"no evaluation results in {', '.join(map(str, results_dirs))}; run `hf-residual eval` first"
+        )
+    categories = [*CATEGORIES, OTHER]
+    table.rows = sorted(order, key=lambda r: (categories.index(r.category), *order[r]))
+    return table
+
+
+def _cells(values: list[float | None]) -> list[str]:
+    """Formatted values, the best of the row in bold when there is more than one model."""
+    present = [v for v in values if v is not None]
+    best = max(present) if len(present) > 1 and len({round(v, 2) for v in present}) > 1 else None
+    return [
+        "n/a"
+        if v is None
+        else (f"**{v:.2f}**" if best is not None and round(v, 2) == round(best, 2) else f"{v:.2f}")
+        for v in values
+    ]
+
+
+def to_markdown(table: Table) -> str:
+    """The table as GitHub Markdown: a sub-average per category, an overall average; best per row in bold."""
+    head = ["Benchmark", "Metric", *table.models]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * len(table.models)]
+    for category in table.categories():
+        for row in (r for r in table.rows if r.category == category):
+            cells = _cells([table.value(row, m) for m in table.models])
+            lines.append(f"| {row.benchmark} | {row.metric} | " + " | ".join(cells) + " |")
+        averages = _cells([table.average(m, category) for m in table.models])
+        lines.append(f"| *{category.capitalize()}* | *sub-average* | " + " | ".join(averages) + " |")
+    overall = _cells([table.average(m) for m in table.models])
+    lines.append("| **Overall** | **average** | " + " | ".join(overall) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def deltas(table: Table, reference: str | None = None, top: int = 3) -> str:
+    """One line per model against ``reference`` (default: the first column): averages and largest changes."""
+    if not table.models:
+        return ""
+    reference = reference or table.models[0]
+    if reference not in table.models:
+        raise ConfigError(f"--reference {reference!r}: not a model of the table ({', '.join(table.models)})")
+    lines = []
+    for model in (m for m in table.models if m != reference):
+        parts = []
+        for category in (None, *table.categories()):
+            a, b = table.average(model, category), table.average(reference, category)
+            if a is not None and b is not None:
+                parts.append(f"{a - b:+.1f} {category or 'average'}")
+        changes = [
+            (a - b, row)
+            for row in table.rows
+            if (a := table.value(row, model)) is not None and (b := table.value(row, reference)) is not None
+        ]
+        changes.sort(key=lambda c: -abs(c[0]))
+        largest = ", ".join(f"{row.benchmark} {row.metric} {d:+.1f}" for d, row in changes[:top])
+        lines.append(
+            f"{model} vs {reference}: {', '.join(parts)}" + (f"; largest: {largest}" if largest else "")
+        )
+    return "\n".join(lines) + ("\n" if lines else "")
