@@ -7,6 +7,7 @@ adds tokenizer/config/card files, and renames the folder into place only when ev
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from hf_residual import assets, cards, engine, hub, hub_base, hub_publish, lineage, plans
 from hf_residual.checkpoint import Checkpoint, open_checkpoint
+from hf_residual.codecs import folders as codec_folders
+from hf_residual.codecs import registry as codec_registry
 from hf_residual.errors import ConfigError, NotADescendantError
 from hf_residual.manifest import (
     CODEC_NOTES,
@@ -203,6 +206,8 @@ def extract(
     output: str | Path | None = None,
     *,
     dtype: str = "bfloat16",
+    codec: str | None = None,
+    probe: bool | str | None = None,
     instruct_revision: str | None = None,
     base_revision: str | None = None,
     max_shard_size: str | int = "5GB",
@@ -220,10 +225,15 @@ def extract(
     ``base`` None: found from the instruct card's ``base_model`` or the table of known pairs.
     ``push_to``: publish the verified folder to that Hub repo (one commit, or a PR with ``create_pr``);
     ``output`` may then be None (a temporary folder is used). ``dry_run`` uploads nothing.
+    ``codec``: float32/bfloat16 (same as ``dtype``) or a lossy codec (``lowrank:64``, ``bitdelta``,
+    ``sparse:0.1``; see docs/CODECS.md); ``probe`` (lossy codecs): measure next-token KL on the built-in
+    prompts (True) or on a file of prompts, one per line.
     """
     push = Push(push_to, create_pr, private, commit_message, dry_run, token)
+    dtype, lossy = _choose_codec(dtype, codec)
     with _destination(output, push) as out, hub.progress_bars(progress):
-        result = _extract(
+        run = _extract if lossy is None else functools.partial(_extract_encoded, lossy, probe)
+        result = run(
             instruct,
             base,
             out,
@@ -311,6 +321,54 @@ def _extract(
     )
 
 
+def _choose_codec(dtype: str, codec: str | None) -> tuple[str, codec_registry.Codec | None]:
+    """``--codec`` float32/bfloat16 is the engine's dtype; anything else is a lossy codec (parsed here)."""
+    if codec is None:
+        return dtype, None
+    dense = codec_registry.dense_dtype(codec)
+    return (dense, None) if dense is not None else (dtype, codec_registry.parse(codec))
+
+
+def _extract_encoded(
+    codec: codec_registry.Codec,
+    probe: bool | str | None,
+    instruct: str | Path,
+    base: str | Path | None,
+    output: Path,
+    dtype: str,
+    instruct_revision: str | None,
+    base_revision: str | None,
+    max_shard_size: str | int,
+    overwrite: bool,
+    progress: bool,
+    push: Push,
+) -> Result:
+    """The exact float32 residual into a temporary folder beside the output, then encoded with ``codec``."""
+    check_destination(output.absolute(), overwrite=overwrite)
+    parent = output.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.exact-", dir=parent) as tmp:
+        exact = _extract(
+            instruct, base, Path(tmp) / "exact", "float32", instruct_revision, base_revision,
+            max_shard_size, False, progress, push,
+        )  # fmt: skip
+        instruct_path = resolve(instruct, instruct_revision, token=push.token).path if probe else None
+        license = hub_base.agreed_license([hub_base.read_card_data(exact.output)])
+        manifest = codec_folders.encode_into(
+            exact.output,
+            output,
+            codec,
+            overwrite=overwrite,
+            max_shard_bytes=parse_size(max_shard_size),
+            render_card=lambda m: cards.residual_card(m, push.card_ref("RESIDUAL_FOLDER_OR_REPO"), license),
+            probe=probe,
+            instruct=instruct_path,
+        )
+    written = sum(p.stat().st_size for p in output.glob("residual*.safetensors"))
+    details = {**exact.details, "codec": codec.spec, "lossless": False, "fidelity": manifest.fidelity}
+    return Result(output, exact.tensors, written, details)
+
+
 def _license(*folders: Path) -> dict:
     return hub_base.agreed_license([hub_base.read_card_data(folder) for folder in folders])
 
@@ -388,6 +446,10 @@ def _apply(
     alpha = _check_alpha(alpha)
     check_destination(output.absolute(), overwrite=overwrite)
     residual_model = resolve(residual, revision, role="residual", token=push.token)
+    if codec_folders.is_compressed(residual_model.path):  # lossy codec: apply its float32 decoding
+        with codec_folders.decoded(residual_model.path, output.absolute().parent) as dense:
+            args = (alpha, None, target_revision, max_shard_size, overwrite, force, progress, push)
+            return _apply(dense, to, output, *args)
     target_model = resolve(to, target_revision, role="target model", token=push.token)
     manifest = read_manifest(residual_model.path)
     r_ckpt = open_checkpoint(residual_model.path, prefix=WEIGHTS_PREFIX)
@@ -410,7 +472,7 @@ def _apply(
             instruct=manifest.instruct,
             base=manifest.base,
             alpha=alpha,
-            codec=manifest.codec,
+            codec=manifest.codec_params.get("spec", manifest.codec),  # a lossy codec's spec once decoded
             distance=distance,
             model_ref=push.card_ref("PATH_OR_REPO_OF_THIS_MODEL"),
             license=_license(residual_model.path, target_model.path),

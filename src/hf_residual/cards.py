@@ -54,7 +54,7 @@ def residual_card(
         instruct=manifest.instruct,
         base=manifest.base,
         model_type=manifest.model_type,
-        codec=manifest.codec,
+        codec=manifest.codec_params.get("spec", manifest.codec),  # a lossy codec: its full spec
         n_tensors=len(manifest.tensors),
         tool_version=__version__,
         note=manifest.note,

@@ -54,6 +54,8 @@ class TensorEntry:
     base_norm: float = 0.0
     residual_norm: float = 0.0
     base_sample: list[float] = field(default_factory=list)
+    # Lossy codecs (hf_residual.codecs): how this tensor was encoded (kind, rank, scale, seed, ...).
+    codec: dict | None = None
 
 
 @dataclass
@@ -69,6 +71,9 @@ class Manifest:
     note: str = ""
     # Elements for which base + residual does not round back to the instruct value (float32 codec only).
     inexact_elements: int = 0
+    # Lossy codecs: the codec's spec and parameters, and the measured fidelity (sizes, errors, KL).
+    codec_params: dict = field(default_factory=dict)
+    fidelity: dict = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     tool_version: str = __version__
@@ -118,9 +123,12 @@ def read_manifest(folder: Path) -> Manifest:
             f"hf-residual {data.get('tool_version', '?')})"
         )
     codec = data.get("codec")
-    if codec not in CODECS:
+    from hf_residual.codecs import registry  # lossy codecs; imported here: codecs read manifests too
+
+    if codec not in CODECS and not (isinstance(codec, str) and registry.known(codec)):
+        known = ", ".join([*CODECS, *registry.CODECS])
         raise ManifestError(
-            f"{path}: codec {codec!r} is unknown to hf-residual {__version__} (knows {', '.join(CODECS)}); "
+            f"{path}: codec {codec!r} is unknown to hf-residual {__version__} (knows {known}); "
             f"it was written by hf-residual {data.get('tool_version', '?')}: upgrade to at least that version"
         )
     try:
@@ -136,6 +144,8 @@ def read_manifest(folder: Path) -> Manifest:
             tensors=tensors,
             note=data.get("note", ""),
             inexact_elements=int(data.get("inexact_elements", 0)),
+            codec_params=dict(data.get("codec_params") or {}),
+            fidelity=dict(data.get("fidelity") or {}),
             format_version=version,
             tool_version=data.get("tool_version", "?"),
         )

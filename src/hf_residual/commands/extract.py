@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hf_residual.codecs.cli import add_codec, codec_kwargs, print_fidelity
 from hf_residual.commands._common import (
     MODEL_HELP,
     add_output,
@@ -46,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="residual storage: bfloat16 (default, half the size, within one bf16 rounding) "
         "or float32 (lossless: base + residual gives instruct back bit for bit)",
     )
+    add_codec(parser)
     add_quiet(parser)
     add_publish(parser, "residual")
     parser.set_defaults(func=run)
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         args.base,
         args.output,
         dtype=args.dtype,
+        **codec_kwargs(args),
         instruct_revision=args.revision,
         base_revision=args.base_revision,
         max_shard_size=args.max_shard_size,
@@ -67,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         **publish_kwargs(args),
     )
     print_base(result.details)
+    if print_fidelity(result):
+        print_publication(result.details)
+        return 0
     if result.details["lossless"]:
         lossless = "lossless, verified"
     elif result.details["codec"] == "float32":

@@ -1,0 +1,132 @@
+"""Measured fidelity of a lossy residual: size on disk, per-tensor relative error, optional KL probe.
+
+Relative error of a tensor: ``|R - decode(encode(R))| / |R|`` (Frobenius norms). The probe compares the
+next-token distributions of two models: the instruct model (= base + exact residual) and base + the
+decoded residual, both in float32, as the mean KL(exact || lossy) over every position of a prompt set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hf_residual.errors import ConfigError
+from hf_residual.manifest import Manifest
+
+DEFAULT_PROMPTS = [
+    "Write a short poem about the sea.",
+    "What is the capital of France? Answer in one word.",
+    "Explain in two sentences why the sky is blue.",
+    "List three fruits, separated by commas.",
+    "Translate 'good morning' into German.",
+    "Answer in upper case: what colour is grass?",
+    "Summarise the plot of a detective story in one sentence.",
+    "Give me a JSON object with keys name and age.",
+]
+
+
+@dataclass
+class ErrorSummary:
+    """Accumulates per-tensor relative errors while encoding."""
+
+    errors: dict[str, float] = field(default_factory=dict)
+    error_power: float = 0.0
+    power: float = 0.0
+
+    def add(self, name: str, exact: np.ndarray, approx: np.ndarray) -> None:
+        diff = (exact - approx).astype(np.float64).ravel()
+        err, norm = float(diff @ diff), float(np.sum(exact.astype(np.float64) ** 2))
+        self.error_power += err
+        self.power += norm
+        self.errors[name] = (err / norm) ** 0.5 if norm else (0.0 if err == 0 else float("inf"))
+
+    def summary(self) -> dict:
+        values = np.array(list(self.errors.values()) or [0.0])
+        worst = max(self.errors, key=self.errors.get) if self.errors else None
+        return {
+            "mean": float(values.mean()),
+            "median": float(np.median(values)),
+            "max": float(values.max()),
+            "max_tensor": worst,
+            "overall": (self.error_power / self.power) ** 0.5 if self.power else 0.0,
+        }
+
+
+def sizes(folder: Path, manifest: Manifest) -> dict:
+    """Bytes of the written residual files and the ratio of a bfloat16 residual's size to them."""
+    written = sum(p.stat().st_size for p in folder.glob("residual*.safetensors"))
+    bf16 = sum(2 * int(np.prod(entry.shape)) for entry in manifest.tensors.values())
+    return {"bytes": written, "bf16_bytes": bf16, "ratio_to_bf16": bf16 / written if written else 0.0}
+
+
+def read_prompts(path: str | Path | None) -> list[str]:
+    """The built-in prompt set, or one prompt per non-empty line of a UTF-8 text file."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--probe {path}: no such file; give a text file with one prompt per line")
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"--probe {path}: the file has no prompts; write one prompt per line")
+    return prompts
+
+
+def _encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    ids = []
+    for prompt in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            ids.append(tokenizer(prompt)["input_ids"])
+    return ids
+
+
+def probe_kl(instruct: Path, dense: Path, encoded: Path, prompts: list[str]) -> dict:
+    """Mean KL between the instruct model and base + decoded residual (``I + decode(R) - R``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_residual.checkpoint import open_checkpoint
+    from hf_residual.codecs.folders import decoded_tensors
+    from hf_residual.codecs.store import read_tensor
+
+    tokenizer = AutoTokenizer.from_pretrained(dense)
+    exact_model = AutoModelForCausalLM.from_pretrained(instruct, dtype=torch.float32).eval()
+    lossy_model = AutoModelForCausalLM.from_pretrained(instruct, dtype=torch.float32).eval()
+    params = dict(lossy_model.named_parameters())
+    exact_tensors = open_checkpoint(dense, prefix="residual").tensors
+    unmatched = []
+    with torch.no_grad():
+        for name, approx in decoded_tensors(encoded):
+            if name not in params:
+                unmatched.append(name)
+                continue
+            exact = read_tensor(exact_tensors[name])
+            params[name].add_(torch.from_numpy(approx - exact).reshape(params[name].shape))
+    if unmatched:
+        raise ConfigError(
+            f"--probe: residual tensors not found among the model's parameters ({', '.join(unmatched[:3])}); "
+            "the probe cannot run for this architecture (extract without --probe)"
+        )
+    return mean_kl(exact_model, lossy_model, tokenizer, prompts)
+
+
+def mean_kl(exact_model, other_model, tokenizer, prompts: list[str]) -> dict:
+    """Mean over every prompt position of KL(exact || other) between next-token distributions."""
+    import torch
+
+    total, positions = 0.0, 0
+    with torch.no_grad():
+        for ids in _encode_prompts(tokenizer, prompts):
+            inputs = torch.tensor([ids])
+            p = torch.log_softmax(exact_model(inputs).logits[0].float(), -1)
+            q = torch.log_softmax(other_model(inputs).logits[0].float(), -1)
+            total += float((p.exp() * (p - q)).sum())
+            positions += len(ids)
+    return {"mean_kl": total / max(positions, 1), "prompts": len(prompts), "positions": positions}
