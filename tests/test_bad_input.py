@@ -209,6 +209,29 @@ def test_not_enough_disk_is_checked_before_writing(fam, tmp_path, capsys, monkey
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize("command", ["port", "extract"])
+def test_bytes_that_do_not_read_back_stop_the_run(fam, tmp_path, capsys, monkeypatch, command):
+    """Fault injection (a failing disk cannot be made here): one byte of a tensor block is changed on write."""
+    from hf_residual import engine
+
+    real_write_all = engine._write_all
+
+    def damaging_write_all(handle, view):
+        if len(view) > 1000:  # a tensor block, not a header
+            damaged = bytearray(view)
+            damaged[len(damaged) // 2] ^= 0x40
+            view = memoryview(damaged)
+        real_write_all(handle, view)
+
+    monkeypatch.setattr(engine, "_write_all", damaging_write_all)
+    argv = {"port": ["--to", fam.cpt], "extract": []}[command]
+    code, err = run_cli(
+        capsys, command, fam.instruct, "--base", fam.base, *argv, "-o", tmp_path / "out", "-q"
+    )
+    assert code == 2 and "read back differ" in err
+    assert_nothing_written(tmp_path)
+
+
 def test_target_with_other_vocabulary(families, tmp_path, capsys):
     fam = families("llama", "bfloat16")
     target = copy_model(fam.cpt, tmp_path / "target")

@@ -64,7 +64,11 @@ def _progress(
 
 
 def _execute(
-    shards: list[engine.ShardPlan], staging: Path, description: str, progress: bool, checksum: str = "wsum64"
+    shards: list[engine.ShardPlan],
+    staging: Path,
+    description: str,
+    progress: bool,
+    checksum: str | None = None,
 ):
     update, close = _progress(engine.total_bytes(shards), description, progress)
     try:

@@ -12,6 +12,7 @@ Math of one segment, in float32, one rounding at the end:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -24,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from hf_residual import fused, kernels
-from hf_residual.checksums import new_digest
 from hf_residual.errors import NonFiniteError, VerificationError
 from hf_residual.safetensors_io import ITEMSIZE, OutputTensor, TensorInfo, encode_header, read_header
 
@@ -34,7 +34,6 @@ DEFAULT_BLOCK = 1 << int(os.environ.get("HF_RESIDUAL_BLOCK_LOG2", "18"))
 # How the fused path reads inputs: "pread" (copy into reused buffers) or "mmap" (map each block).
 READ_MODE = os.environ.get("HF_RESIDUAL_READ", "pread")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-_HASH_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -120,14 +119,16 @@ def write_index(folder: Path, prefix: str, shards: list[ShardPlan], metadata: di
 
 
 class _Writer(threading.Thread):
-    """Writes blocks to the open shard, checksums each tensor as written and again as read back.
+    """Writes blocks to the open shard and reads each one back to compare it with what was meant.
 
-    Runs beside the arithmetic: writes, sha256 and the numba checksum release the GIL, so this uses the
-    second core. Each tensor is read back (from the page cache) right after it is written, so verifying
-    overlaps the arithmetic of the next tensor; the header is re-parsed when the shard is closed.
+    Runs beside the arithmetic: writes, reads, comparisons and sha256 release the GIL, so this uses the
+    second core. Each block is read back (from the page cache) right after it is written and compared
+    byte for byte while it is still in memory, which costs less than checksumming every tensor twice;
+    sha256 is computed only when a manifest needs it (``checksum="sha256"``). The header is re-parsed
+    when the shard is closed.
     """
 
-    def __init__(self, buffers: int, block_bytes: int, checksum: str):
+    def __init__(self, buffers: int, block_bytes: int, checksum: str | None):
         super().__init__(daemon=True, name="hf-residual-writer")
         self.checksum = checksum
         self.tasks: queue.Queue = queue.Queue(maxsize=buffers)
@@ -136,13 +137,13 @@ class _Writer(threading.Thread):
             self.free.put(np.empty(block_bytes, np.uint8))
         self.hashes: dict[str, str] = {}
         self.error: BaseException | None = None
-        self._readback = np.empty(_HASH_CHUNK, np.uint8)
+        self._readback = np.empty(block_bytes, np.uint8)
 
     def run(self) -> None:
         handle = None
         read_fd = -1
         hasher = None
-        position = 0
+        cursor = 0
         current: OutputTensor | None = None
         while True:
             kind, payload = self.tasks.get()
@@ -157,23 +158,22 @@ class _Writer(threading.Thread):
                     path, header = payload
                     handle = open(path, "wb", buffering=0)  # noqa: SIM115 - closed on "close"
                     read_fd = os.open(path, os.O_RDONLY)
-                    handle.write(header)
-                    position = len(header)
+                    _write_all(handle, memoryview(header))
+                    cursor = len(header)
                 elif kind == "tensor":
-                    current, hasher = payload, new_digest(self.checksum)
+                    current = payload
+                    hasher = hashlib.sha256() if self.checksum == "sha256" else None
                 elif kind == "data":
                     buffer, nbytes = payload
                     view = memoryview(buffer)[:nbytes]
-                    written = 0
-                    while written < nbytes:
-                        written += handle.write(view[written:])
-                    hasher.update(view)
+                    _write_all(handle, view)
+                    self._verify_block(read_fd, cursor, buffer[:nbytes], current)
+                    if hasher is not None:
+                        hasher.update(view)
+                    cursor += nbytes
                     self.free.put(buffer)
                 elif kind == "end_tensor":
-                    digest = hasher.hexdigest()
-                    self._verify_tensor(read_fd, position, current, digest)
-                    self.hashes[current.name] = digest
-                    position += current.nbytes
+                    self.hashes[current.name] = hasher.hexdigest() if hasher is not None else ""
                 elif kind == "close":
                     path, expected = payload
                     handle.close()
@@ -189,19 +189,23 @@ class _Writer(threading.Thread):
                     os.close(read_fd)
                     handle, read_fd = None, -1
 
-    def _verify_tensor(self, fd: int, offset: int, tensor: OutputTensor, digest: str) -> None:
-        hasher = new_digest(self.checksum)
+    def _verify_block(self, fd: int, offset: int, written: np.ndarray, tensor: OutputTensor) -> None:
+        back = self._readback[: written.size]
         done = 0
-        while done < tensor.nbytes:
-            size = min(len(self._readback), tensor.nbytes - done)
-            chunk = memoryview(self._readback)[:size]
-            got = os.preadv(fd, [chunk], offset + done)
+        while done < written.size:
+            got = os.preadv(fd, [memoryview(back)[done:]], offset + done)
             if got <= 0:
                 raise VerificationError(f"file ends inside tensor {tensor.name!r} when read back")
-            hasher.update(chunk[:got])
             done += got
-        if hasher.hexdigest() != digest:
+        if not np.array_equal(back, written):
             raise VerificationError(f"bytes of {tensor.name!r} read back differ from those written")
+
+
+def _write_all(handle, view: memoryview) -> None:
+    """Write every byte (an unbuffered write may write fewer than asked)."""
+    written = 0
+    while written < len(view):
+        written += handle.write(view[written:])
 
 
 def _verify_header(path: Path, expected: list[OutputTensor]) -> None:
@@ -260,12 +264,13 @@ def execute(
     folder: Path,
     *,
     block: int | None = None,
-    checksum: str = "sha256",
+    checksum: str | None = "sha256",
     on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, TensorStats]:
     """Run every job and write each shard into ``folder``; return per-tensor checksums and norms.
 
-    ``checksum`` is ``"sha256"`` (for manifests) or ``"wsum64"`` (fast verification only).
+    ``checksum`` is ``"sha256"`` (per-tensor digests for manifests) or None (outputs are still verified:
+    every block is read back and compared).
     Raises ``NonFiniteError`` on NaN/Inf in an input or an overflow of the output dtype, and
     ``VerificationError`` if a shard does not read back as written. On error, partially written
     files are left for the caller to discard (the caller writes into a staging folder).

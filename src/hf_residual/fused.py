@@ -126,16 +126,3 @@ if AVAILABLE:
             worst = max(worst, _f32_as_u32(value) & np.uint32(0x7FFFFFFF))
             _store(out, k, value)
         return worst
-
-    @njit(nogil=True, cache=True, boundscheck=False)
-    def weighted_sum(words, first_index):
-        """Position-weighted sum of 16-bit words, mod 2^64 (see ``checksums.WeightedSum``)."""
-        total = np.uint64(0)
-        plain = np.uint64(0)
-        position = np.uint64(first_index) + np.uint64(1)
-        for k in range(words.size):
-            word = np.uint64(words[k])
-            total += word * position  # all-uint64 math: mixing in int64 would make numba use float64
-            plain += word
-            position += np.uint64(1)
-        return total, plain
