@@ -7,6 +7,7 @@ adds tokenizer/config/card files, and renames the folder into place only when ev
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -163,6 +164,17 @@ class Push:
         return self.repo_id or default
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What every call shares, passed down as one value instead of a long row of arguments."""
+
+    max_shard_size: str | int
+    overwrite: bool
+    progress: bool
+    push: Push
+    force: bool = False
+
+
 @contextmanager
 def _destination(output: str | Path | None, push: Push) -> Iterator[Path]:
     """The folder to write: ``output``, or a temporary one (removed after) when only publishing.
@@ -234,21 +246,11 @@ def extract(
     prompts (True) or on a file of prompts, one per line.
     """
     push = Push(push_to, create_pr, private, commit_message, dry_run, token)
+    settings = _Settings(max_shard_size, overwrite, progress, push)
     dtype, lossy = _choose_codec(dtype, codec)
     with _destination(output, push) as out, hub.progress_bars(progress):
         run = _extract if lossy is None else functools.partial(_extract_encoded, lossy, probe)
-        result = run(
-            instruct,
-            base,
-            out,
-            dtype,
-            instruct_revision,
-            base_revision,
-            max_shard_size,
-            overwrite,
-            progress,
-            push,
-        )
+        result = run(instruct, base, out, dtype, instruct_revision, base_revision, settings)
         result.details["temporary_output"] = output is None
         return _publish(result, push)
 
@@ -260,11 +262,9 @@ def _extract(
     dtype: str,
     instruct_revision: str | None,
     base_revision: str | None,
-    max_shard_size: str | int,
-    overwrite: bool,
-    progress: bool,
-    push: Push,
+    settings: _Settings,
 ) -> Result:
+    push, overwrite = settings.push, settings.overwrite
     codec = _normalise_dtype(dtype)
     check_destination(output.absolute(), overwrite=overwrite)
     instruct_model = resolve(instruct, instruct_revision, role="instruct model", token=push.token)
@@ -275,10 +275,10 @@ def _extract(
     i_ckpt, b_ckpt = open_checkpoint(instruct_model.path), open_checkpoint(base_model.path)
     pairs = plans.pair(i_ckpt, b_ckpt)
     jobs = plans.extract_jobs(pairs, CODECS[codec])
-    shards = engine.plan_shards(jobs, WEIGHTS_PREFIX, parse_size(max_shard_size))
+    shards = engine.plan_shards(jobs, WEIGHTS_PREFIX, parse_size(settings.max_shard_size))
     samples = _base_samples(b_ckpt)
     with staged_output(output, overwrite=overwrite, required_bytes=engine.total_bytes(shards)) as staging:
-        stats = _execute(shards, staging, "extract", progress, checksum="sha256")
+        stats = _execute(shards, staging, "extract", settings.progress, checksum="sha256")
         engine.write_index(staging, WEIGHTS_PREFIX, shards)
         manifest = Manifest(
             codec=codec,
@@ -342,28 +342,26 @@ def _extract_encoded(
     dtype: str,
     instruct_revision: str | None,
     base_revision: str | None,
-    max_shard_size: str | int,
-    overwrite: bool,
-    progress: bool,
-    push: Push,
+    settings: _Settings,
 ) -> Result:
     """The exact float32 residual into a temporary folder beside the output, then encoded with ``codec``."""
-    check_destination(output.absolute(), overwrite=overwrite)
+    push = settings.push
+    check_destination(output.absolute(), overwrite=settings.overwrite)
     parent = output.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.exact-", dir=parent) as tmp:
+        fresh = dataclasses.replace(settings, overwrite=False)
         exact = _extract(
-            instruct, base, Path(tmp) / "exact", "float32", instruct_revision, base_revision,
-            max_shard_size, False, progress, push,
-        )  # fmt: skip
+            instruct, base, Path(tmp) / "exact", "float32", instruct_revision, base_revision, fresh
+        )
         instruct_path = resolve(instruct, instruct_revision, token=push.token).path if probe else None
         license = hub_base.agreed_license([hub_base.read_card_data(exact.output)])
         manifest = codec_folders.encode_into(
             exact.output,
             output,
             codec,
-            overwrite=overwrite,
-            max_shard_bytes=parse_size(max_shard_size),
+            overwrite=settings.overwrite,
+            max_shard_bytes=parse_size(settings.max_shard_size),
             render_card=lambda m: cards.residual_card(m, push.card_ref("RESIDUAL_FOLDER_OR_REPO"), license),
             probe=probe,
             instruct=instruct_path,
@@ -416,20 +414,9 @@ def apply(
     ``push_to`` publishes the verified folder (see ``extract``); ``output`` may then be None.
     """
     push = Push(push_to, create_pr, private, commit_message, dry_run, token)
+    settings = _Settings(max_shard_size, overwrite, progress, push, force)
     with _destination(output, push) as out, hub.progress_bars(progress):
-        result = _apply(
-            residual,
-            to,
-            out,
-            alpha,
-            revision,
-            target_revision,
-            max_shard_size,
-            overwrite,
-            force,
-            progress,
-            push,
-        )
+        result = _apply(residual, to, out, alpha, revision, target_revision, settings)
         result.details["temporary_output"] = output is None
         return _publish(result, push)
 
@@ -441,19 +428,15 @@ def _apply(
     alpha: float,
     revision: str | None,
     target_revision: str | None,
-    max_shard_size: str | int,
-    overwrite: bool,
-    force: bool,
-    progress: bool,
-    push: Push,
+    settings: _Settings,
 ) -> Result:
+    push, overwrite = settings.push, settings.overwrite
     alpha = _check_alpha(alpha)
     check_destination(output.absolute(), overwrite=overwrite)
     residual_model = resolve(residual, revision, role="residual", token=push.token)
     if codec_folders.is_compressed(residual_model.path):  # lossy codec: apply its float32 decoding
         with codec_folders.decoded(residual_model.path, output.absolute().parent) as dense:
-            args = (alpha, None, target_revision, max_shard_size, overwrite, force, progress, push)
-            return _apply(dense, to, output, *args)
+            return _apply(dense, to, output, alpha, None, target_revision, settings)
     target_model = resolve(to, target_revision, role="target model", token=push.token)
     manifest = read_manifest(residual_model.path)
     r_ckpt = open_checkpoint(residual_model.path, prefix=WEIGHTS_PREFIX)
@@ -463,13 +446,14 @@ def _apply(
         set(r_ckpt.tensors), set(manifest.tensors), "residual weights", "residual manifest"
     )
     plans.check_target(t_ckpt, plans.base_shapes_of_residual(r_ckpt, rows), manifest.model_type)
-    distance = _check_descendant(t_ckpt, {n: e.base_sample for n, e in manifest.tensors.items()}, force)
+    base_samples = {n: e.base_sample for n, e in manifest.tensors.items()}
+    distance = _check_descendant(t_ckpt, base_samples, settings.force)
     jobs = plans.apply_jobs(r_ckpt, rows, t_ckpt, alpha)
-    shards = engine.plan_shards(jobs, "model", parse_size(max_shard_size))
+    shards = engine.plan_shards(jobs, "model", parse_size(settings.max_shard_size))
     instruct_config = _read_json(residual_model.path / assets.INSTRUCT_CONFIG)
     grown = manifest.instruct_vocab_size if manifest.instruct_vocab_size != manifest.base_vocab_size else None
     with staged_output(output, overwrite=overwrite, required_bytes=engine.total_bytes(shards)) as staging:
-        _execute(shards, staging, "apply", progress)
+        _execute(shards, staging, "apply", settings.progress)
         engine.write_index(staging, "model", shards)
         card = cards.ported_card(
             target=_identity(target_model, t_ckpt),
@@ -512,22 +496,9 @@ def port(
     ``push_to`` publishes the verified folder (see ``extract``); ``output`` may then be None.
     """
     push = Push(push_to, create_pr, private, commit_message, dry_run, token)
+    settings = _Settings(max_shard_size, overwrite, progress, push, force)
     with _destination(output, push) as out, hub.progress_bars(progress):
-        result = _port(
-            source,
-            to,
-            out,
-            base,
-            alpha,
-            revision,
-            base_revision,
-            target_revision,
-            max_shard_size,
-            overwrite,
-            force,
-            progress,
-            push,
-        )
+        result = _port(source, to, out, base, alpha, (revision, base_revision, target_revision), settings)
         result.details["temporary_output"] = output is None
         return _publish(result, push)
 
@@ -538,31 +509,16 @@ def _port(
     output: Path,
     base: str | Path | None,
     alpha: float,
-    revision: str | None,
-    base_revision: str | None,
-    target_revision: str | None,
-    max_shard_size: str | int,
-    overwrite: bool,
-    force: bool,
-    progress: bool,
-    push: Push,
+    revisions: tuple[str | None, str | None, str | None],
+    settings: _Settings,
 ) -> Result:
+    """``revisions``: of the source, the base and the target."""
+    push, overwrite = settings.push, settings.overwrite
+    revision, base_revision, target_revision = revisions
     alpha = _check_alpha(alpha)
     source_model = resolve(source, revision, role="source", token=push.token)
     if is_residual_folder(source_model.path):
-        return _apply(
-            source_model.path,
-            to,
-            output,
-            alpha,
-            None,
-            target_revision,
-            max_shard_size,
-            overwrite,
-            force,
-            progress,
-            push,
-        )
+        return _apply(source_model.path, to, output, alpha, None, target_revision, settings)
     base_source = "given"
     if base is None:
         base, base_source = _find_base(source_model, source)
@@ -573,12 +529,12 @@ def _port(
     pairs = plans.pair(i_ckpt, b_ckpt)
     plans.check_target(t_ckpt, {n: info.shape for n, info in b_ckpt.tensors.items()}, b_ckpt.model_type)
     samples = _base_samples(b_ckpt)
-    distance = _check_descendant(t_ckpt, samples, force)
+    distance = _check_descendant(t_ckpt, samples, settings.force)
     jobs = plans.port_jobs(pairs, t_ckpt, alpha)
-    shards = engine.plan_shards(jobs, "model", parse_size(max_shard_size))
+    shards = engine.plan_shards(jobs, "model", parse_size(settings.max_shard_size))
     grown = i_ckpt.vocab_size if i_ckpt.vocab_size != b_ckpt.vocab_size else None
     with staged_output(output, overwrite=overwrite, required_bytes=engine.total_bytes(shards)) as staging:
-        _execute(shards, staging, "port", progress)
+        _execute(shards, staging, "port", settings.progress)
         engine.write_index(staging, "model", shards)
         card = cards.ported_card(
             target=_identity(target_model, t_ckpt),
