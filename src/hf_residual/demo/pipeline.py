@@ -1,0 +1,284 @@
+"""The demo end to end: data, tokenizer, base, instruct, CPT'd models, ported models, evaluation, report.
+
+Each model stage is cached in its folder (see ``cache``); porting goes through ``hf_residual.api.port``,
+the same engine users run. Times are measured per stage and returned with the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hf_residual.demo import cache, evaluate, report, training, world
+from hf_residual.demo.profiles import Profile, get_profile
+from hf_residual.demo.tokenizer import build_tokenizer
+
+
+@dataclass
+class DemoResult:
+    """What a demo run built and measured."""
+
+    output: Path
+    profile: str
+    seed: int
+    rows: list[dict]
+    checks: list[dict]
+    passed: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    total_seconds: float = 0.0
+    files: dict[str, str] = field(default_factory=dict)
+
+
+class _Clock:
+    def __init__(self, log: Callable[[str], None]):
+        self.timings: dict[str, float] = {}
+        self.log = log
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        self.log(f"[{name}] ...")
+        yield
+        seconds = time.perf_counter() - started
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+        self.log(f"[{name}] done in {seconds:.1f} s")
+
+
+def _settings(profile: Profile, *names: str) -> dict:
+    values = dataclasses.asdict(profile)
+    return {n: values[n] for n in names}
+
+
+def _cpt_batches(rows_b, rows_a, profile: Profile, steps: int, seed: int) -> list[dict]:
+    """``steps`` batches of CPT rows, B in a reshuffled cycle, with a ``cpt_replay`` share of A rows.
+
+    Built step by step from fixed generators, so the first n batches are the same whatever ``steps`` is:
+    snapshots of one run equal shorter runs under a constant learning rate.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    n_a = round(profile.cpt_batch * profile.cpt_replay)
+    n_b = profile.cpt_batch - n_a
+    order_b: list[int] = []
+    batches = []
+    for _ in range(steps):
+        while len(order_b) < n_b:
+            order_b += torch.randperm(len(rows_b), generator=gen).tolist()
+        take, order_b = order_b[:n_b], order_b[n_b:]
+        chunk = rows_b[take]
+        if n_a:
+            chunk = torch.cat([chunk, rows_a[torch.randint(len(rows_a), (n_a,), generator=gen)]])
+        batches.append({"input_ids": chunk, "labels": chunk})
+    return batches
+
+
+def _cpt_steps(profile: Profile, tokens: int) -> int:
+    return max(1, tokens // (profile.cpt_batch * profile.seq_len))
+
+
+def run_demo(
+    output: str | Path = "hf-residual-demo",
+    *,
+    profile: str | Profile = "quick",
+    seed: int = 0,
+    rebuild: bool = False,
+    threads: int = 1,
+    log: Callable[[str], None] = print,
+) -> DemoResult:
+    """Build (or reuse) the demo family under ``output``, evaluate every model and write the report."""
+    import torch
+
+    started = time.perf_counter()
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    output = Path(output)
+    models = output / "models"
+    clock = _Clock(log)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    bars = _quiet_progress_bars()
+    try:
+        with clock.stage("data"):
+            w = world.build_world(seed, prof.n_a, prof.n_b, prof.holdout, prof.eval_per_set)
+            docs_a = world.corpus(random.Random(seed + 1), w.a_facts, prof.pretrain_docs)
+            docs_b = world.corpus(random.Random(seed + 2), w.b_facts, prof.cpt_docs)
+            chat_text = [f"{it.messages()[0]['content']} {it.response()}" for it in w.sft]
+            tok = build_tokenizer(docs_a + chat_text, prof.vocab_size)
+            rows_a = training.packed_rows(training.encode_documents(tok, docs_a), prof.seq_len)
+            rows_b = training.packed_rows(training.encode_documents(tok, docs_b), prof.seq_len)
+        world_key = cache.key(
+            "world", _settings(prof, "n_a", "n_b", "holdout", "eval_per_set", "vocab_size"), str(seed)
+        )
+        keys: dict[str, str] = {}
+        paths: dict[str, Path] = {}
+
+        base_settings = _settings(
+            prof, "shape", "seq_len", "batch_size", "pretrain_docs", "pretrain_epochs", "pretrain_lr"
+        )
+        keys["base"], paths["base"] = cache.key("base", base_settings, world_key), models / "base"
+        with clock.stage("base pre-training"):
+            if cache.needs_build(paths["base"], keys["base"], rebuild):
+                model = training.new_model(prof.shape, tok, seed)
+                batches = training.row_batches(rows_a, prof.batch_size, prof.pretrain_epochs, seed)
+                steps = len(batches)
+                losses = training.train(
+                    model, batches, training.Schedule(prof.pretrain_lr, max(1, steps // 20))
+                )
+                training.save_model(model, tok, paths["base"], chat=False)
+                info = {
+                    "steps": steps,
+                    "tokens": steps * prof.batch_size * prof.seq_len,
+                    "final_loss": losses[-1],
+                }
+                info["parameters"] = sum(p.numel() for p in model.parameters())
+                cache.mark_built(paths["base"], keys["base"], info)
+                log(
+                    f"  base: {info['parameters']:,} parameters, {info['tokens']:,} tokens, "
+                    f"loss {losses[-1]:.3f}"
+                )
+
+        sft_settings = _settings(prof, "sft_epochs", "sft_lr", "sft_batch", "sft_freeze", "sft_replay")
+        keys["instruct"], paths["instruct"] = (
+            cache.key("instruct", sft_settings, keys["base"]),
+            models / "instruct",
+        )
+        with clock.stage("instruction tuning (SFT)"):
+            if cache.needs_build(paths["instruct"], keys["instruct"], rebuild):
+                model = training.load_model(paths["base"])
+                for name, param in model.named_parameters():
+                    if any(part in name for part in prof.sft_freeze):
+                        param.requires_grad_(False)
+                examples = [training.chat_example(tok, it.messages(), it.response()) for it in w.sft]
+                batches = training.chat_batches(examples, prof.sft_batch, prof.sft_epochs, seed)
+                if prof.sft_replay:
+                    batches = training.with_replay(batches, rows_a, prof.sft_replay, seed + 3)
+                schedule = training.Schedule(prof.sft_lr, max(1, len(batches) // 20))
+                losses = training.train(model, batches, schedule)
+                training.save_model(model, tok, paths["instruct"], chat=True)
+                info = {"steps": len(batches), "examples": len(examples), "final_loss": losses[-1]}
+                cache.mark_built(paths["instruct"], keys["instruct"], info)
+                log(f"  instruct: {len(examples)} chats x {prof.sft_epochs} epochs, loss {losses[-1]:.3f}")
+
+        cpt_settings = _settings(
+            prof, "cpt_docs", "cpt_lr", "cpt_warmup", "cpt_decay", "cpt_replay", "seq_len", "cpt_batch"
+        )
+        with clock.stage("continual pre-training (CPT)"):
+            for start in ("base", "instruct"):
+                todo = []
+                for label, tokens in zip(prof.labels, prof.cpt_tokens, strict=True):
+                    name = f"cpt-{start}-{label}"
+                    settings = {**cpt_settings, "tokens": tokens}
+                    if prof.cpt_decay != "constant":
+                        settings["run_tokens"] = tokens
+                    keys[name], paths[name] = (
+                        cache.key("cpt", settings, keys[start], world_key),
+                        models / name,
+                    )
+                    if cache.needs_build(paths[name], keys[name], rebuild):
+                        todo.append((name, tokens))
+                _continual_pretraining(prof, tok, paths, keys, start, todo, rows_a, rows_b, seed, log)
+
+        with clock.stage("port (hf_residual.api.port)"):
+            from hf_residual import api
+
+            for label in prof.labels:
+                name = f"ported-{label}"
+                keys[name] = cache.key(
+                    "ported", {"alpha": prof.alpha}, keys["instruct"], keys["base"], keys[f"cpt-base-{label}"]
+                )
+                paths[name] = models / name
+                if cache.needs_build(paths[name], keys[name], rebuild):
+                    result = api.port(
+                        paths["instruct"],
+                        paths[f"cpt-base-{label}"],
+                        paths[name],
+                        base=paths["base"],
+                        alpha=prof.alpha,
+                        overwrite=True,
+                        progress=False,
+                    )
+                    cache.mark_built(paths[name], keys[name], {"distance": result.details["distance"]})
+
+        with clock.stage("evaluation"):
+            eval_key = cache.key("eval", _settings(prof, "max_new_tokens"), world_key, evaluate.VERSION)
+            scores = {name: _evaluate(paths[name], tok, w, prof, eval_key) for name in paths}
+
+        with clock.stage("report"):
+            rows = report.table_rows(scores, prof)
+            checks = report.pattern_checks(rows, prof)
+            passed = all(c["passed"] for c in checks)
+            files = report.write(output, rows, checks, prof, seed)
+    finally:
+        torch.set_num_threads(previous_threads)
+        if bars:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.enable_progress_bar()
+    total = time.perf_counter() - started
+    timings = {k: round(v, 1) for k, v in clock.timings.items()}
+    result = DemoResult(output, prof.name, seed, rows, checks, passed, timings, round(total, 1), files)
+    report.write_timings(output, result.timings, result.total_seconds)
+    return result
+
+
+def _quiet_progress_bars() -> bool:
+    """Hide transformers' per-load progress bars (dozens of loads would bury the stage log); True if shown."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    return shown
+
+
+def _continual_pretraining(prof, tok, paths, keys, start, todo, rows_a, rows_b, seed, log) -> None:
+    """CPT from ``start`` for each (name, tokens) in ``todo``: one run with snapshots, or a run per size."""
+    if not todo:
+        return
+    runs = [todo] if prof.cpt_decay == "constant" else [[item] for item in todo]
+    for run in runs:
+        steps = _cpt_steps(prof, max(tokens for _, tokens in run))
+        snapshots = {_cpt_steps(prof, tokens): name for name, tokens in run}
+        model = training.load_model(paths[start])
+        batches = _cpt_batches(rows_b, rows_a, prof, steps, seed + 7)
+        schedule = training.Schedule(prof.cpt_lr, min(prof.cpt_warmup, steps), prof.cpt_decay)
+
+        def snapshot(step: int, model=model, snapshots=snapshots) -> None:
+            if step in snapshots:
+                name = snapshots[step]
+                training.save_model(model, tok, paths[name], chat=start == "instruct")
+                model.train()
+                tokens = step * prof.cpt_batch * prof.seq_len
+                cache.mark_built(paths[name], keys[name], {"steps": step, "tokens": tokens})
+                log(f"  {name}: {tokens:,} tokens")
+
+        training.train(model, batches, schedule, on_step=snapshot)
+
+
+def _evaluate(path: Path, tok, w: world.World, prof: Profile, eval_key: str) -> dict:
+    """Scores of one model folder, cached beside it under the evaluation's key."""
+    stamp = path / "demo-eval.json"
+    if stamp.is_file():
+        saved = json.loads(stamp.read_text())
+        if saved.get("key") == eval_key and saved.get("stage") == cache.read_info(path).get("key"):
+            return saved["scores"]
+    model = training.load_model(path)
+    if_a = evaluate.instruction_following(model, tok, w.eval_a, prof.max_new_tokens)
+    if_b = evaluate.instruction_following(model, tok, w.eval_b, prof.max_new_tokens)
+    scores = {
+        "if_a_strict": if_a.strict,
+        "if_b_strict": if_b.strict,
+        "if_strict": (if_a.strict + if_b.strict) / 2,
+        "if_loose": (if_a.loose + if_b.loose) / 2,
+        "know_a": evaluate.knowledge(model, tok, w.a_facts),
+        "know_b": evaluate.knowledge(model, tok, w.b_facts),
+        "samples": (if_a.samples[:4] + if_b.samples[:4]),
+    }
+    stage_key = cache.read_info(path).get("key")
+    stamp.write_text(json.dumps({"key": eval_key, "stage": stage_key, "scores": scores}, indent=2) + "\n")
+    return scores

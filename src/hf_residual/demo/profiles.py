@@ -1,0 +1,105 @@
+"""Demo profiles: every size, step count and learning rate of a run, in one frozen record.
+
+``quick`` is the default (about a minute on 2 CPU cores, 2 when the cores are busy), ``full`` a larger run
+(not tuned: it fails the knowledge check, docs/DEMO.md), ``tiny`` the family the default tests build
+(seconds). Changing a field changes the cache keys of the stages it feeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from hf_residual.demo.training import ModelShape
+from hf_residual.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    shape: ModelShape
+    n_a: int  # entities of world A (pre-training and chat)
+    n_b: int  # entities of world B (continual pre-training only)
+    vocab_size: int = 640
+    seq_len: int = 64
+    batch_size: int = 32
+    holdout: float = 0.2  # share of A (fact, format) combinations kept out of SFT for evaluation
+    eval_per_set: int = 64  # chat prompts per evaluation set (held-out A, and B)
+    pretrain_docs: int = 600
+    pretrain_epochs: int = 15  # 6 left the base knowing a third of A's facts (docs/DEMO.md)
+    pretrain_lr: float = 3e-3
+    sft_epochs: int = 3
+    sft_lr: float = 1e-3
+    sft_batch: int = 32
+    # SFT that changes fewer weights: parameters whose name contains one of these stay frozen
+    # (e.g. ("mlp",); tried in docs/DEMO.md, off by default).
+    sft_freeze: tuple[str, ...] = ()
+    sft_replay: int = 0  # rows of corpus A plain text added to each SFT batch (tried; off by default)
+    cpt_tokens: tuple[int, ...] = (36_000, 90_000, 180_000)  # the paper's 100M / 500M / 1B, scaled down
+    cpt_docs: int = 400  # documents of corpus B; CPT cycles through them until its token count is reached
+    cpt_batch: int = 16
+    cpt_lr: float = 2.5e-4
+    cpt_warmup: int = 10
+    cpt_decay: str = "constant"  # "constant": one run, snapshots at each size; "cosine": a run per size
+    cpt_replay: float = 0.5  # share of CPT rows drawn from corpus A (replay, Ibrahim et al. 2024)
+    alpha: float = 1.0
+    max_new_tokens: int = 28  # the longest canonical reply is about 22 tokens
+    labels: tuple[str, ...] = field(default=("S", "M", "L"))
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != len(self.cpt_tokens) or list(self.cpt_tokens) != sorted(self.cpt_tokens):
+            raise ConfigError("cpt_tokens must be increasing sizes, one per label in labels")
+        if self.cpt_decay not in ("constant", "cosine"):
+            raise ConfigError(f"cpt_decay must be 'constant' or 'cosine', got {self.cpt_decay!r}")
+        if not 0 <= self.cpt_replay < 1:
+            raise ConfigError(f"cpt_replay is a share of each CPT batch in [0, 1), got {self.cpt_replay}")
+
+    def with_changes(self, **changes) -> Profile:
+        """A copy with some fields changed (CLI overrides, variants in docs/DEMO.md)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown demo setting(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+
+PROFILES = {
+    "tiny": Profile(
+        name="tiny",
+        shape=ModelShape(hidden=64, layers=2, heads=4, intermediate=192),
+        n_a=16,
+        n_b=8,
+        vocab_size=512,
+        eval_per_set=32,
+        pretrain_docs=200,
+        pretrain_epochs=15,
+        sft_epochs=6,
+        cpt_tokens=(40_000,),
+        cpt_lr=3e-4,
+        cpt_replay=0.0,
+        labels=("S",),
+    ),
+    "quick": Profile(
+        name="quick",
+        shape=ModelShape(hidden=96, layers=3, heads=4, intermediate=256),
+        n_a=32,
+        n_b=16,
+    ),
+    "full": Profile(
+        name="full",
+        shape=ModelShape(hidden=128, layers=4, heads=4, intermediate=352),
+        n_a=64,
+        n_b=32,
+        vocab_size=768,
+        eval_per_set=128,
+        pretrain_docs=1500,
+        pretrain_epochs=6,
+        cpt_tokens=(72_000, 180_000, 360_000),
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ConfigError(f"unknown demo profile {name!r}; choose one of {', '.join(PROFILES)}") from None

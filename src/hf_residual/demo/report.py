@@ -1,0 +1,180 @@
+"""The demo's report: a Table-2-style table (terminal, Markdown, JSON), the required-pattern checks, and a
+bar chart like the paper's Figure 1 (instruction following of base, instruct and base + residual at each
+CPT size), written under the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hf_residual.demo.profiles import Profile
+
+# The required pattern at every CPT size (issue "demo"): ported IF >= IF_TIMES x CPT'd instruct IF,
+# >= IF_SHARE x the instruct model's IF, and ported B-knowledge >= KNOW_SHARE x the CPT'd base's.
+IF_TIMES, IF_SHARE, KNOW_SHARE = 3.0, 0.6, 0.5
+
+COLUMNS = [
+    ("model", "model"),
+    ("cpt_tokens", "CPT tokens"),
+    ("if_strict", "IF strict"),
+    ("if_loose", "IF loose"),
+    ("if_a_strict", "IF (A prompts)"),
+    ("if_b_strict", "IF (B prompts)"),
+    ("know_a", "knowledge A"),
+    ("know_b", "knowledge B"),
+]
+
+
+def table_rows(scores: dict[str, dict], prof: Profile) -> list[dict]:
+    """One row per model in the paper's order: base, instruct, then CPT'd base, instruct, ported per size."""
+    order = [("base", "base", 0), ("instruct", "instruct", 0)]
+    for label, tokens in zip(prof.labels, prof.cpt_tokens, strict=True):
+        order += [
+            (f"cpt-base-{label}", "CPT'd base", tokens),
+            (f"cpt-instruct-{label}", "CPT'd instruct", tokens),
+            (f"ported-{label}", "CPT'd base + residual", tokens),
+        ]
+    rows = []
+    for name, role, tokens in order:
+        s = scores[name]
+        row = {"model": name, "role": role, "cpt_tokens": tokens}
+        row.update({k: round(s[k], 3) for k, _ in COLUMNS if k in s})
+        rows.append(row)
+    return rows
+
+
+def pattern_checks(rows: list[dict], prof: Profile) -> list[dict]:
+    """The required pattern, checked at each CPT size, with the measured ratios."""
+    by_name = {r["model"]: r for r in rows}
+    instruct_if = by_name["instruct"]["if_strict"]
+    checks = []
+    for label, tokens in zip(prof.labels, prof.cpt_tokens, strict=True):
+        ported, cpt_i, cpt_b = (by_name[f"{k}-{label}"] for k in ("ported", "cpt-instruct", "cpt-base"))
+        p_if, i_if = ported["if_strict"], cpt_i["if_strict"]
+        items = {
+            f"ported IF >= {IF_TIMES:g}x CPT'd instruct IF": p_if >= IF_TIMES * i_if and p_if > 0,
+            f"ported IF >= {IF_SHARE:.0%} of instruct IF": p_if >= IF_SHARE * instruct_if,
+            f"ported B-knowledge >= {KNOW_SHARE:.0%} of CPT'd base": ported["know_b"]
+            >= KNOW_SHARE * cpt_b["know_b"],
+        }
+        checks.append(
+            {
+                "size": label,
+                "cpt_tokens": tokens,
+                "if_vs_cpt_instruct": round(p_if / i_if, 2) if i_if else None,
+                "if_share_of_instruct": round(p_if / instruct_if, 2) if instruct_if else None,
+                "know_b_share_of_cpt_base": round(ported["know_b"] / cpt_b["know_b"], 2)
+                if cpt_b["know_b"]
+                else None,
+                "items": items,
+                "passed": all(items.values()),
+            }
+        )
+    return checks
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, int) and value >= 1000:
+        return f"{value:,}"
+    return str(value)
+
+
+def text_table(rows: list[dict]) -> str:
+    """A fixed-width table for the terminal."""
+    head = [title for _, title in COLUMNS]
+    body = [[_cell(r.get(k, "")) for k, _ in COLUMNS] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in body]
+    return "\n".join(lines)
+
+
+def checks_text(checks: list[dict]) -> str:
+    lines = []
+    for c in checks:
+        status = "PASS" if c["passed"] else "FAIL"
+        detail = "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in c["items"].items())
+        lines.append(f"{status} size {c['size']} ({c['cpt_tokens']:,} tokens): {detail}")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], checks: list[dict], prof: Profile, seed: int) -> str:
+    head = [title for _, title in COLUMNS]
+    lines = [
+        f"# hf-residual demo: profile `{prof.name}`, seed {seed}",
+        "",
+        "IF = share of held-out chat prompts whose reply follows the format instruction (checked by code), "
+        "on prompts about A entities (held-out combinations) and B entities (only seen in CPT text). "
+        "Knowledge = exact completion of facts about A and B entities.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    lines += ["| " + " | ".join(_cell(r.get(k, "")) for k, _ in COLUMNS) + " |" for r in rows]
+    lines += ["", "## Required pattern", "", "```", checks_text(checks), "```", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], prof: Profile, path: Path) -> None:
+    """Grouped bars as in the paper's Figure 1: base, instruct, base + residual; one bar per CPT size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_name = {r["model"]: r for r in rows}
+    sizes = ["org", *prof.labels]
+    groups = {
+        "base": ["base", *[f"cpt-base-{s}" for s in prof.labels]],
+        "instruct": ["instruct", *[f"cpt-instruct-{s}" for s in prof.labels]],
+        "base + residual": ["instruct", *[f"ported-{s}" for s in prof.labels]],
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric, title in (
+        (axes[0], "if_strict", "(a) Instruction following"),
+        (axes[1], "know_b", "(b) Knowledge of B"),
+    ):
+        width = 0.8 / len(sizes)
+        for i, size in enumerate(sizes):
+            values = [by_name[names[i]][metric] for names in groups.values()]
+            xs = [g + (i - (len(sizes) - 1) / 2) * width for g in range(len(groups))]
+            ax.bar(xs, values, width, label=size if i == 0 else f"{size} ({prof.cpt_tokens[i - 1]:,} tok)")
+        ax.set_xticks(range(len(groups)), list(groups))
+        ax.set_ylim(0, 1)
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"hf-residual demo ({prof.name}): CPT vs instruction residual")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(output: Path, rows: list[dict], checks: list[dict], prof: Profile, seed: int) -> dict[str, str]:
+    """results.md, results.json and figure.png under ``output``; returns their paths."""
+    output.mkdir(parents=True, exist_ok=True)
+    files = {
+        "markdown": output / "results.md",
+        "json": output / "results.json",
+        "plot": output / "figure.png",
+    }
+    files["markdown"].write_text(markdown(rows, checks, prof, seed))
+    data = {"profile": prof.name, "seed": seed, "rows": rows, "checks": checks}
+    files["json"].write_text(json.dumps(data, indent=2) + "\n")
+    try:
+        plot(rows, prof, files["plot"])
+    except ImportError:
+        del files["plot"]
+    return {k: str(v) for k, v in files.items()}
+
+
+def write_timings(output: Path, timings: dict[str, float], total: float) -> None:
+    """Add the stage times to results.json (measured after the report was written)."""
+    path = output / "results.json"
+    data = json.loads(path.read_text())
+    data["timings_s"] = timings
+    data["total_s"] = total
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,114 @@
+"""The demo: format checks, world construction, and a real tiny family trained on CPU end to end.
+
+The tiny profile trains real models (seconds); the slow test runs the quick profile and asserts the
+paper's pattern with the required margins.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_residual.cli import main
+from hf_residual.demo import get_profile, instructions, run_demo, world
+from hf_residual.errors import ConfigError
+
+
+@pytest.mark.parametrize("fmt", instructions.FORMATS)
+def test_canonical_replies_pass_their_own_check_and_fail_a_plain_one(fmt):
+    reply = instructions.response(fmt, 0, "Zorvan lives in Amsel.", "Amsel")
+    assert instructions.check(fmt, reply)
+    assert instructions.check_loose(fmt, f"  {reply}\n")
+    # A plain sentence with a period and mixed case, repeated once, follows none of the formats.
+    plain = "Zorvan lives in Amsel, and that is true"
+    assert not instructions.check(fmt, plain)
+
+
+def test_loose_check_accepts_what_strict_rejects():
+    assert not instructions.check("brackets", "Sure:\n[Zorvan lives in Amsel.]")
+    assert instructions.check_loose("brackets", "Sure:\n[Zorvan lives in Amsel.]")
+    assert not instructions.check_loose("json", "{not json")
+
+
+def test_world_keeps_eval_combinations_and_b_entities_out_of_chat_data():
+    w = world.build_world(seed=3, n_a=12, n_b=6, holdout=0.2, eval_per_set=20)
+    trained = {(it.fact, it.fmt) for it in w.sft}
+    assert all((it.fact, it.fmt) not in trained for it in w.eval_a)
+    b_names = {f.entity for f in w.b_facts}
+    assert b_names.isdisjoint(f.entity for f in w.a_facts)
+    assert all(it.fact.entity not in b_names for it in w.sft)
+    assert {it.fact.entity for it in w.eval_b} <= b_names
+    prefix, value = w.b_facts[0].probe()
+    assert w.b_facts[0].statement(0) == f"{prefix}{value}."
+
+
+def test_unknown_profile_and_setting_are_config_errors():
+    with pytest.raises(ConfigError, match="choose one of"):
+        get_profile("huge")
+    with pytest.raises(ConfigError, match="cpt_learning_rate"):
+        get_profile("tiny").with_changes(cpt_learning_rate=1.0)
+
+
+def test_cli_rejects_a_bad_setting_before_building_anything(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--profile", "tiny", "--replay", "1.5", "-o", str(out)]) == 2
+    assert "cpt_replay" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "tiny"
+    return run_demo(out, profile="tiny", seed=0, log=lambda _: None)
+
+
+def test_tiny_family_ported_model_follows_instructions_better_than_cpt_instruct(tiny_demo):
+    """The method works, not only the code: measured 0.91 (instruct), 0.02 (CPT'd instruct), 0.69 (ported)."""
+    rows = {r["model"]: r for r in tiny_demo.rows}
+    assert rows["instruct"]["if_strict"] >= rows["base"]["if_strict"] + 0.5
+    assert rows["ported-S"]["if_strict"] >= rows["cpt-instruct-S"]["if_strict"] + 0.4
+    assert rows["cpt-base-S"]["know_b"] > rows["base"]["know_b"]
+
+
+def test_tiny_family_is_ordinary_transformers_folders_with_chat_template(tiny_demo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ported = tiny_demo.output / "models" / "ported-S"
+    assert (ported / "model.safetensors").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(ported)
+    model = AutoModelForCausalLM.from_pretrained(ported)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Where does X live?"}], add_generation_prompt=True, return_tensors="pt"
+    )
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert tokenizer.decode(ids[0]).endswith("<|assistant|>")
+    assert model.config.vocab_size == len(tokenizer)
+    data = json.loads((tiny_demo.output / "results.json").read_text())
+    assert {r["model"] for r in data["rows"]} == {r["model"] for r in tiny_demo.rows}
+    assert (tiny_demo.output / "results.md").read_text().count("| ported-S |") == 1
+    assert (tiny_demo.output / "figure.png").stat().st_size > 1000
+
+
+def test_second_run_reuses_cached_models_and_cli_prints_table(tiny_demo, capsys):
+    weights = tiny_demo.output / "models" / "cpt-base-S" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    code = main(["demo", "--profile", "tiny", "-o", str(tiny_demo.output)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert weights.stat().st_mtime_ns == before
+    assert "ported-S" in out and "IF strict" in out and "total" in out
+    assert "continual pre-training (CPT)" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_quick_profile_shows_the_papers_pattern(tmp_path, seed):
+    """The issue's required pattern at every CPT size (checks in report.pattern_checks), for 3 seeds."""
+    result = run_demo(tmp_path / "quick", profile="quick", seed=seed, log=lambda _: None)
+    rows = {r["model"]: r for r in result.rows}
+    failed = [c for c in result.checks if not c["passed"]]
+    assert not failed, json.dumps(result.checks, indent=1)
+    assert rows["instruct"]["if_strict"] >= 0.7  # measured 0.82 / 0.87 / 0.94 for seeds 0 / 1 / 2
+    # CPT taught B (measured 0.06 -> 0.90, 0.13 -> 0.58, 0.13 -> 0.88 at the largest size).
+    assert rows["cpt-base-L"]["know_b"] >= rows["base"]["know_b"] + 0.3
