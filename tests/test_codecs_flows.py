@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from helpers import bits, load_tensors
+from safetensors.torch import save_file
 
 from hf_residual import api
 from hf_residual.cli import main
@@ -220,3 +222,30 @@ def test_lossy_extract_and_apply_need_neither_torch_nor_transformers(llama, tmp_
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "r" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "p" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("wrong", ["architecture", "not a descendant"])
+def test_a_wrong_target_is_refused_before_the_residual_is_decoded(
+    families, llama, lowrank, tmp_path, monkeypatch, wrong
+):
+    """Decoding a compressed residual is slow and needs disk: the target is checked from the manifest first."""
+    from hf_residual.codecs import folders
+    from hf_residual.errors import IncompatibleModelsError, NotADescendantError
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the residual was decoded before the target was checked")
+
+    monkeypatch.setattr(folders, "decode_folder", no_decoding)
+    if wrong == "architecture":
+        target, expected = families("qwen2", "bfloat16").cpt, IncompatibleModelsError
+    else:
+        target, expected = tmp_path / "stranger", NotADescendantError
+        model = load_tensors(llama.cpt)
+        noise = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in model.items()}
+        shutil.copytree(llama.cpt, target)
+        for file in target.glob("*.safetensors*"):
+            file.unlink()
+        save_file(noise, target / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(expected):
+        api.apply(lowrank, target, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -435,6 +435,8 @@ def _apply(
     check_destination(output.absolute(), overwrite=overwrite)
     residual_model = resolve(residual, revision, role="residual", token=push.token)
     if codec_folders.is_compressed(residual_model.path):  # lossy codec: apply its float32 decoding
+        target_model = resolve(to, target_revision, role="target model", token=push.token)
+        _check_target_of_residual(read_manifest(residual_model.path), target_model, settings.force)
         with codec_folders.decoded(residual_model.path, output.absolute().parent) as dense:
             return _apply(dense, to, output, alpha, None, target_revision, settings)
     target_model = resolve(to, target_revision, role="target model", token=push.token)
@@ -467,6 +469,18 @@ def _apply(
         )
         _write_model_extras(staging, t_ckpt, instruct_config, grown, residual_model.path, card)
     return Result(output, len(jobs), engine.total_bytes(shards), {"alpha": alpha, "distance": distance})
+
+
+def _check_target_of_residual(manifest: Manifest, target_model: ResolvedModel, force: bool) -> None:
+    """Target checks from the manifest alone: run before decoding a compressed residual (slow, large)."""
+    rows = manifest.absolute_rows_from
+    shapes = {
+        name: tuple(entry.shape) if rows.get(name) is None else (rows[name], *entry.shape[1:])
+        for name, entry in manifest.tensors.items()
+    }
+    target = open_checkpoint(target_model.path)
+    plans.check_target(target, shapes, manifest.model_type)
+    _check_descendant(target, {n: e.base_sample for n, e in manifest.tensors.items()}, force)
 
 
 def port(
