@@ -308,3 +308,25 @@ def test_results_tab_shows_the_table_and_a_plot(space, tmp_path, monkeypatch):
     assert [r[0] for r in table["data"]] == ["instruct", "ported"]
     image = plot["value"] if isinstance(plot, dict) and "value" in plot else plot
     assert image and Path(image if isinstance(image, str) else image["path"]).stat().st_size > 1000
+
+
+def test_default_config_is_the_demo_tiny_family_and_its_models_chat(tmp_path, monkeypatch):
+    """No configuration: the demo's tiny family is trained once into the cache and shown with its roles."""
+    monkeypatch.setenv(rs.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(rs.CONFIG_ENV, raising=False)
+    config = rs.load_config()
+    roles = {name: entry.role for name, entry in config.models.items()}
+    assert roles["instruct"] == "instruct" and roles["base"] == "base"
+    assert [roles[name] for name in config.chat_defaults] == [
+        "instruct",
+        "CPT'd instruct",
+        "CPT'd base + residual",
+    ]
+    assert any(path.name == "results.json" for path in config.results)
+    store = rs.ModelStore(config)
+    turn = [{"role": "user", "content": "Answer in upper case: where does the first entity live?"}]
+    final = list(
+        rs.stream_side_by_side(store, [turn] * 3, config.chat_defaults, rs.Sampling(max_new_tokens=12))
+    )[-1]
+    assert all(reply and not reply.startswith("[error") for reply in final)
+    assert rs.load_config().models.keys() == config.models.keys()  # second start reuses the trained family

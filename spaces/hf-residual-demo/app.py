@@ -1,6 +1,6 @@
 """hf-residual Space: chat with base, instruct and ported models side by side, see their results, port.
 
-Run locally with ``python app.py`` (CPU, no network: a tiny toy family is built on first start), or set
+Run locally with ``python app.py`` (CPU, no network: the demo's tiny family is trained on first start), or set
 ``HF_RESIDUAL_SPACE_MODELS`` to a YAML/JSON file of ``name: folder-or-repo-id`` (or to a folder written
 by ``hf-residual demo``) to show other models. The page logic is here; models, generation, results and
 porting are in ``residual_space.py``.
@@ -40,7 +40,7 @@ def _label(store: rs.ModelStore, name: str | None) -> str:
 
 
 def build_app(config: rs.SpaceConfig | None = None) -> gr.Blocks:
-    """The whole page; ``config`` defaults to ``$HF_RESIDUAL_SPACE_MODELS`` or the toy family."""
+    """The whole page; ``config`` defaults to ``$HF_RESIDUAL_SPACE_MODELS`` or the demo's tiny family."""
     config = config or rs.load_config()
     store = rs.ModelStore(config)
     names = store.names()

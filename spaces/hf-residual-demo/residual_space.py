@@ -54,7 +54,7 @@ def default_cache_dir() -> Path:
 
 
 def load_config(path: str | Path | None = None) -> SpaceConfig:
-    """The Space's config: ``path``, else ``$HF_RESIDUAL_SPACE_MODELS``, else the offline toy family.
+    """The Space's config: ``path``, else ``$HF_RESIDUAL_SPACE_MODELS``, else the demo's tiny family.
 
     The file is YAML or JSON: ``{models: {name: ref | {path, role}}, results: [files], chat: [names]}``,
     or a bare ``{name: ref}`` mapping. A ref is a folder (relative to the file) or a Hub repo id. A folder
@@ -62,7 +62,7 @@ def load_config(path: str | Path | None = None) -> SpaceConfig:
     """
     raw = path or os.environ.get(CONFIG_ENV)
     if not raw:
-        return toy_config(default_cache_dir())
+        return demo_config(default_cache_dir())
     path = Path(raw).expanduser()
     if path.is_dir():
         return _demo_output_config(path)
@@ -154,6 +154,17 @@ def _demo_role(name: str) -> str:
         if name.startswith(prefix):
             return role
     return {"base": "base", "instruct": "instruct"}.get(name, "")
+
+
+def demo_config(workdir: Path) -> SpaceConfig:
+    """The offline default: the ``tiny`` family of ``hf-residual demo`` (trained on CPU in about 20 s on the
+    first start, reused after), whose instruct and ported models really follow format instructions."""
+    from hf_residual.demo import run_demo
+
+    folder = Path(workdir) / "demo-tiny"
+    with _BUILD_LOCK:
+        run_demo(folder, profile="tiny", seed=0, log=lambda line: None)
+    return _demo_output_config(folder)
 
 
 def toy_config(workdir: Path) -> SpaceConfig:
