@@ -1,58 +1,48 @@
-"""Verifiable instruction checks (IFEval-style): an instruction appended to a prompt and a function that
-decides from the reply's form alone whether it was followed. Used to score instruction drift live.
+"""Verifiable instruction checks (IFEval-style): an instruction appended to a prompt and the rules that
+decide from the reply's form alone whether it was followed. Used to score instruction drift live.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from hf_residual.errors import ConfigError
+from hf_residual.evaluation import verifiers
 
 
 @dataclass(frozen=True)
 class Check:
-    """One verifiable instruction: the text added to the prompt and the test of the reply."""
+    """One verifiable instruction: the text added to the prompt and the rules the reply must obey.
+
+    The rules are those of the ``offline-if`` evaluation suite (``hf_residual.evaluation.verifiers``), so
+    drift logged during training and the evaluation afterwards judge a reply the same way.
+    """
 
     name: str
     instruction: str
-    passes: Callable[[str], bool]
+    rules: tuple[dict, ...]
 
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[A-Za-z0-9']+", text)
-
-
-def _is_json(text: str) -> bool:
-    stripped = text.strip().removeprefix("```json").removeprefix("```").removesuffix("```").strip()
-    try:
-        json.loads(stripped)
-    except ValueError:
-        return False
-    return stripped.startswith(("{", "["))
-
-
-def _has_letters(text: str) -> bool:
-    return bool(re.search(r"[A-Za-z]", text))
+    def passes(self, reply: str) -> bool:
+        return all(verifiers.follows(rule, reply) for rule in self.rules)
 
 
 CHECKS: dict[str, Check] = {
     check.name: check
     for check in [
-        Check("upper", "Answer in capital letters only.", lambda t: _has_letters(t) and t == t.upper()),
-        Check("lower", "Use no capital letters.", lambda t: _has_letters(t) and t == t.lower()),
-        Check("words3", "Answer in exactly three words.", lambda t: len(_words(t)) == 3),
-        Check("max10", "Answer in at most ten words.", lambda t: 0 < len(_words(t)) <= 10),
-        Check("keyword", "Use the word 'indeed' in your reply.", lambda t: "indeed" in t.lower()),
+        Check("upper", "Answer in capital letters only.", ({"id": "uppercase"},)),
+        Check("lower", "Use no capital letters.", ({"id": "lowercase"},)),
         Check(
-            "brackets",
-            "Wrap your whole answer in square brackets.",
-            lambda t: t.strip().startswith("[") and t.strip().endswith("]"),
+            "words3",
+            "Answer in exactly three words.",
+            ({"id": "min_words", "n": 3}, {"id": "max_words", "n": 3}),
         ),
-        Check("json", "Reply with a JSON object only.", _is_json),
-        Check("prefix", "Start your reply with 'Answer:'.", lambda t: t.strip().startswith("Answer:")),
+        Check("max10", "Answer in at most ten words.", ({"id": "max_words", "n": 10},)),
+        Check(
+            "keyword", "Use the word 'indeed' in your reply.", ({"id": "include_keyword", "word": "indeed"},)
+        ),
+        Check("brackets", "Wrap your whole answer in square brackets.", ({"id": "wrap_in_brackets"},)),
+        Check("json", "Reply with a JSON object only.", ({"id": "json"},)),
+        Check("prefix", "Start your reply with 'Answer:'.", ({"id": "start_with", "phrase": "Answer:"},)),
     ]
 }
 
