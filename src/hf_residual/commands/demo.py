@@ -20,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "following (format checked by code) and knowledge of A and B; the table, results.md, "
             "results.json and figure.png are written to the output folder with the models (ordinary "
             "transformers folders). Built models are cached there and reused when settings match. "
-            "Profiles: quick (default, about a minute on 2 cores), full (larger, about 3 minutes; does "
-            "not yet keep the new knowledge, see docs/DEMO.md), tiny (seconds, tests)."
+            "Profiles: quick (default, about a minute on 2 cores), full (larger, about 3 minutes; meets "
+            "the required pattern on seed 0 only, see docs/DEMO.md), tiny (seconds, tests)."
         ),
     )
     parser.add_argument(

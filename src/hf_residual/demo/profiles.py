@@ -1,7 +1,7 @@
 """Demo profiles: every size, step count and learning rate of a run, in one frozen record.
 
 ``quick`` is the default (about a minute on 2 CPU cores, 2 when the cores are busy), ``full`` a larger run
-(not tuned: it fails the knowledge check, docs/DEMO.md), ``tiny`` the family the default tests build
+(passes the required pattern on seed 0 only, docs/DEMO.md), ``tiny`` the family the default tests build
 (seconds). Changing a field changes the cache keys of the stages it feeds.
 """
 
@@ -87,12 +87,15 @@ PROFILES = {
     "full": Profile(
         name="full",
         shape=ModelShape(hidden=128, layers=4, heads=4, intermediate=352),
-        n_a=64,
+        # 64 A entities left a residual (SFT on twice the chats) that kept about 30% of the CPT'd base's
+        # B-knowledge; 32 with 5 SFT epochs keeps 64-78% on seed 0 (seeds 1 and 2 still fail, docs/DEMO.md)
+        n_a=32,
         n_b=32,
         vocab_size=768,
         eval_per_set=128,
         pretrain_docs=1500,
         pretrain_epochs=6,
+        sft_epochs=5,
         cpt_tokens=(72_000, 180_000, 360_000),
     ),
 }
