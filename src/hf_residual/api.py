@@ -321,6 +321,7 @@ def _extract(
             "inexact_elements": manifest.inexact_elements,
             "base": str(base),
             "base_source": base_source,
+            "instruct_path": instruct_model.path,  # the resolved folder: a lossy codec's probe loads it
         },
     )
 
@@ -354,8 +355,7 @@ def _extract_encoded(
         exact = _extract(
             instruct, base, Path(tmp) / "exact", "float32", instruct_revision, base_revision, fresh
         )
-        instruct_path = resolve(instruct, instruct_revision, token=push.token).path if probe else None
-        license = hub_base.agreed_license([hub_base.read_card_data(exact.output)])
+        license = _license(exact.output)
         manifest = codec_folders.encode_into(
             exact.output,
             output,
@@ -364,7 +364,7 @@ def _extract_encoded(
             max_shard_bytes=parse_size(settings.max_shard_size),
             render_card=lambda m: cards.residual_card(m, push.card_ref("RESIDUAL_FOLDER_OR_REPO"), license),
             probe=probe,
-            instruct=instruct_path,
+            instruct=exact.details["instruct_path"] if probe else None,
         )
     written = sum(p.stat().st_size for p in output.glob("residual*.safetensors"))
     details = {**exact.details, "codec": codec.spec, "lossless": False, "fidelity": manifest.fidelity}

@@ -55,6 +55,17 @@ def to_float(spec: str, key: str, text: str, low: float, high: float) -> float:
     return value
 
 
+STORAGE_DTYPES = {"bfloat16": "BF16", "bf16": "BF16", "float32": "F32", "fp32": "F32"}
+
+
+def storage_dtype(spec: str, options: dict[str, str]) -> str:
+    """The ``dtype=`` option (bfloat16 by default) as a safetensors dtype; removed from ``options``."""
+    name = options.pop("dtype", "bfloat16").lower()
+    if name not in STORAGE_DTYPES:
+        raise ConfigError(f"codec {spec!r}: dtype must be bfloat16 or float32, got {name!r}")
+    return STORAGE_DTYPES[name]
+
+
 def to_int(spec: str, key: str, text: str, low: int) -> int:
     try:
         value = int(text)

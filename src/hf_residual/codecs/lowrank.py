@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hf_residual.codecs.base import Codec, Encoded, to_float, to_int
+from hf_residual.codecs.base import Codec, Encoded, storage_dtype, to_float, to_int
 from hf_residual.errors import ConfigError
-
-FACTOR_DTYPES = {"bfloat16": "BF16", "bf16": "BF16", "float32": "F32", "fp32": "F32"}
 
 
 class LowRank(Codec):
@@ -31,12 +29,9 @@ class LowRank(Codec):
             raise ConfigError(
                 f"codec {spec!r}: give a rank (lowrank:64) or an energy share (lowrank:energy=0.9)"
             )
-        dtype_name = options.pop("dtype", "bfloat16").lower()
-        if dtype_name not in FACTOR_DTYPES:
-            raise ConfigError(f"codec {spec!r}: dtype must be bfloat16 or float32, got {dtype_name!r}")
         rank = to_int(spec, "rank", rank_text, 1) if rank_text is not None else None
         energy = to_float(spec, "energy", energy_text, 0.0, 1.0) if energy_text is not None else None
-        return cls(spec, rank, energy, FACTOR_DTYPES[dtype_name], options)
+        return cls(spec, rank, energy, storage_dtype(spec, options), options)
 
     def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if self.rank is not None and self.rank > min(shape):

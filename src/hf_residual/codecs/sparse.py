@@ -13,11 +13,9 @@ import zlib
 
 import numpy as np
 
-from hf_residual.codecs.base import Codec, Encoded, to_float, to_int
+from hf_residual.codecs.base import Codec, Encoded, storage_dtype, to_float, to_int
 from hf_residual.codecs.store import round_bf16
 from hf_residual.errors import ConfigError
-
-VALUE_DTYPES = {"bfloat16": "BF16", "bf16": "BF16", "float32": "F32", "fp32": "F32"}
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -53,10 +51,7 @@ class Sparse(Codec):
         if seed_text is not None and method == "topk":
             raise ConfigError(f"codec {spec!r}: seed only applies to DARE (sparse:0.1,seed=3), not topk")
         seed = to_int(spec, "seed", seed_text or "0", 0)
-        dtype_name = options.pop("dtype", "bfloat16").lower()
-        if dtype_name not in VALUE_DTYPES:
-            raise ConfigError(f"codec {spec!r}: dtype must be bfloat16 or float32, got {dtype_name!r}")
-        return cls(spec, density, method, seed, VALUE_DTYPES[dtype_name], options)
+        return cls(spec, density, method, seed, storage_dtype(spec, options), options)
 
     def _keep(self, name: str, flat: np.ndarray) -> tuple[np.ndarray, dict]:
         if self.method == "topk":
