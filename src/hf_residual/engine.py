@@ -13,7 +13,6 @@ Math of one segment, in float32, one rounding at the end:
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 import queue
@@ -26,7 +25,15 @@ import numpy as np
 
 from hf_residual import fused, kernels
 from hf_residual.errors import NonFiniteError, VerificationError
-from hf_residual.safetensors_io import ITEMSIZE, OutputTensor, TensorInfo, encode_header, read_header
+from hf_residual.safetensors_io import (
+    ITEMSIZE,
+    OutputTensor,
+    TensorInfo,
+    encode_header,
+    read_header,
+    shard_filenames,
+    write_shard_index,
+)
 
 # Elements per block: 2^18 (256K) amortises the per-block Python and queue overhead while the fused
 # kernel's inputs and output (2 MB) stay near cache size; HF_RESIDUAL_BLOCK_LOG2 overrides (benchmarks).
@@ -99,23 +106,14 @@ def plan_shards(
             size = 0
         groups[-1].append(job)
         size += job.out.nbytes
-    if len(groups) == 1:
-        return [ShardPlan(f"{prefix}.safetensors", tuple(groups[0]))]
-    total = len(groups)
-    return [
-        ShardPlan(f"{prefix}-{i:05d}-of-{total:05d}.safetensors", tuple(g)) for i, g in enumerate(groups, 1)
-    ]
+    names = shard_filenames(prefix, len(groups))
+    return [ShardPlan(name, tuple(group)) for name, group in zip(names, groups, strict=True)]
 
 
 def write_index(folder: Path, prefix: str, shards: list[ShardPlan], metadata: dict | None = None) -> None:
     """Write ``<prefix>.safetensors.index.json`` (only when there is more than one shard)."""
-    if len(shards) < 2:
-        return
-    index = {
-        "metadata": {"total_size": sum(s.nbytes for s in shards), **(metadata or {})},
-        "weight_map": {job.out.name: shard.filename for shard in shards for job in shard.jobs},
-    }
-    (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    weight_map = {job.out.name: shard.filename for shard in shards for job in shard.jobs}
+    write_shard_index(folder, prefix, weight_map, sum(s.nbytes for s in shards), metadata)
 
 
 class _Writer(threading.Thread):

@@ -142,3 +142,20 @@ def encode_header(tensors: list[OutputTensor], metadata: dict[str, str] | None =
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % ALIGNMENT)
     return struct.pack("<Q", len(raw)) + raw
+
+
+def shard_filenames(prefix: str, total: int) -> list[str]:
+    """``<prefix>.safetensors`` for one shard, else transformers' ``<prefix>-0000i-of-0000N.safetensors``."""
+    if total == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+
+
+def write_shard_index(
+    folder: Path, prefix: str, weight_map: dict[str, str], total_size: int, metadata: dict | None = None
+) -> None:
+    """Write ``<prefix>.safetensors.index.json`` (only when the tensors span more than one shard)."""
+    if len(set(weight_map.values())) < 2:
+        return
+    index = {"metadata": {"total_size": total_size, **(metadata or {})}, "weight_map": weight_map}
+    (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

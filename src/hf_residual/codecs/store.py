@@ -6,14 +6,19 @@ its header is written and the data copied after it, so memory holds one tensor, 
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from hf_residual.safetensors_io import OutputTensor, TensorInfo, encode_header
+from hf_residual.safetensors_io import (
+    OutputTensor,
+    TensorInfo,
+    encode_header,
+    shard_filenames,
+    write_shard_index,
+)
 
 NUMPY_DTYPES = {
     "F32": np.float32,
@@ -96,23 +101,13 @@ class ShardWriter:
         if self._handle is None:
             self._open_shard()
         self._handle.close()
-        total = len(self.shards)
-        names = (
-            [f"{self.prefix}.safetensors"]
-            if total == 1
-            else [f"{self.prefix}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
-        )
+        names = shard_filenames(self.prefix, len(self.shards))
         for name, tensors, data in zip(names, self.shards, self._data, strict=True):
             with open(self.folder / name, "wb") as out, open(data, "rb") as source:
                 out.write(encode_header(tensors))
                 shutil.copyfileobj(source, out, 16 * 1024 * 1024)
             data.unlink()
-        if total > 1:
-            index = {
-                "metadata": {"total_size": sum(t.nbytes for s in self.shards for t in s)},
-                "weight_map": {t.name: n for n, s in zip(names, self.shards, strict=True) for t in s},
-            }
-            (self.folder / f"{self.prefix}.safetensors.index.json").write_text(
-                json.dumps(index, indent=2) + "\n"
-            )
+        weight_map = {t.name: n for n, s in zip(names, self.shards, strict=True) for t in s}
+        total_size = sum(t.nbytes for s in self.shards for t in s)
+        write_shard_index(self.folder, self.prefix, weight_map, total_size)
         return names
