@@ -11,6 +11,7 @@ pytest.importorskip("trl")
 
 import yaml  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from helpers import load_tensors  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -85,10 +86,8 @@ def test_training_lowers_loss_and_callbacks_port_and_log(setup, tmp_path):
     ported = result.ported[0]
     AutoModelForCausalLM.from_pretrained(ported)  # loadable
     checkpoint = load_file(tmp_path / "run" / "checkpoint-4" / "model.safetensors")
-    ported_weights = {}
-    for shard in ported.glob("*.safetensors"):
-        ported_weights.update(load_file(shard))
-    instruct, base = load_file_all(family.instruct), load_file_all(family.base)
+    ported_weights = load_tensors(ported)
+    instruct, base = load_tensors(family.instruct), load_tensors(family.base)
     name = "model.layers.0.mlp.down_proj.weight"
     expected = checkpoint[name] + (instruct[name] - base[name])
     assert torch.allclose(ported_weights[name], expected, atol=1e-6)
@@ -96,13 +95,6 @@ def test_training_lowers_loss_and_callbacks_port_and_log(setup, tmp_path):
 
     drift = [e for e in result.log_history if "drift/raw/all" in e]
     assert len(drift) == 2 and all("drift/ported/all" in e and "drift/raw/upper" in e for e in drift)
-
-
-def load_file_all(folder) -> dict:
-    tensors = {}
-    for shard in folder.glob("*.safetensors"):
-        tensors.update(load_file(shard))
-    return tensors
 
 
 def test_port_failure_is_logged_not_raised(setup, tmp_path):
