@@ -423,23 +423,27 @@ def apply(
 
 def _apply(
     residual: str | Path,
-    to: str | Path,
+    to: str | Path | ResolvedModel,
     output: Path,
     alpha: float,
     revision: str | None,
     target_revision: str | None,
     settings: _Settings,
 ) -> Result:
+    """``to`` may be already resolved (a compressed residual's second pass: same pinned target, one lookup)."""
     push, overwrite = settings.push, settings.overwrite
     alpha = _check_alpha(alpha)
     check_destination(output.absolute(), overwrite=overwrite)
     residual_model = resolve(residual, revision, role="residual", token=push.token)
+    target_model = (
+        to
+        if isinstance(to, ResolvedModel)
+        else resolve(to, target_revision, role="target model", token=push.token)
+    )
     if codec_folders.is_compressed(residual_model.path):  # lossy codec: apply its float32 decoding
-        target_model = resolve(to, target_revision, role="target model", token=push.token)
         _check_target_of_residual(read_manifest(residual_model.path), target_model, settings.force)
         with codec_folders.decoded(residual_model.path, output.absolute().parent) as dense:
-            return _apply(dense, to, output, alpha, None, target_revision, settings)
-    target_model = resolve(to, target_revision, role="target model", token=push.token)
+            return _apply(dense, target_model, output, alpha, None, None, settings)
     manifest = read_manifest(residual_model.path)
     r_ckpt = open_checkpoint(residual_model.path, prefix=WEIGHTS_PREFIX)
     t_ckpt = open_checkpoint(target_model.path)
