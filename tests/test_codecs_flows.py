@@ -228,7 +228,10 @@ def test_lossy_extract_and_apply_need_neither_torch_nor_transformers(llama, tmp_
 def test_a_wrong_target_is_refused_before_the_residual_is_decoded(
     families, llama, lowrank, tmp_path, monkeypatch, wrong
 ):
-    """Decoding a compressed residual is slow and needs disk: the target is checked from the manifest first."""
+    """Decoding a compressed residual is slow and needs disk: the target is checked from the manifest first.
+
+    ``decode_folder`` is replaced by a spy that fails the test if decoding starts before the refusal.
+    """
     from hf_residual.codecs import folders
     from hf_residual.errors import IncompatibleModelsError, NotADescendantError
 
