@@ -9,6 +9,9 @@ import pytest
 
 from hf_residual.toy import ToyFamily, build_family
 
+# CI sets HF_RESIDUAL_FAIL_ON_SKIP=1: a test that skips (a tool or package missing) fails instead.
+pytest_plugins = ["strict_skips"]
+
 
 @pytest.fixture(autouse=True)
 def hermetic_hf(tmp_path_factory, monkeypatch):
