@@ -61,58 +61,139 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate one safetensors file's header; return its tensors and ``__metadata__``."""
+    """Parse and validate one safetensors file's header; return its tensors and ``__metadata__``.
+
+    The whole header is checked against the format's rules (those of the reference implementation,
+    ``safetensors``' ``Metadata::validate``) before anything uses it: a UTF-8 JSON object starting with ``{``,
+    no repeated keys; an optional ``__metadata__`` object of strings; for each tensor exactly ``dtype`` (a
+    known one), ``shape`` (non-negative integers) and ``data_offsets`` (two integers, begin <= end), whose
+    byte length is the shape's size in that dtype; and the tensors cover the data exactly, from 0 to the
+    end of the file, with no overlap and no hole.
+    """
     path = Path(path)
     fix = f"re-download or re-save {path.name}"
+
+    def corrupt(problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{path}: {problem}; {fix}")
+
     size = path.stat().st_size
     with open(path, "rb") as handle:
         raw_len = handle.read(8)
         if len(raw_len) < 8:
-            raise CorruptCheckpointError(f"{path}: file is too short to be safetensors ({size} bytes); {fix}")
+            raise corrupt(f"file is too short to be safetensors ({size} bytes)")
         (header_len,) = struct.unpack("<Q", raw_len)
         if header_len < 2 or header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CorruptCheckpointError(
-                f"{path}: header length {header_len} does not fit the file ({size} bytes); the file is "
-                f"truncated or not safetensors; {fix}"
+            raise corrupt(
+                f"header length {header_len} does not fit the file ({size} bytes); the file is truncated "
+                "or not safetensors"
             )
         raw = handle.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CorruptCheckpointError(f"{path}: header is not valid JSON ({error}); {fix}") from None
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{path}: header is not a JSON object; {fix}")
-    metadata = header.pop("__metadata__", None) or {}
+    header = _parse_header_json(raw, corrupt)
+    metadata = _header_metadata(header.pop("__metadata__", None), corrupt)
     data_start = 8 + header_len
     data_len = size - data_start
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpointError(f"{path}: malformed header entry for {name!r}; {fix}") from None
-        if dtype not in ITEMSIZE:
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}; {fix}")
-        if any(d < 0 for d in shape) or begin < 0 or end < begin or end > data_len:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} points outside the file (offsets {begin}..{end}, data is "
-                f"{data_len} bytes): the file is truncated; {fix}"
+        dtype, shape, begin, end = _header_entry(name, entry, corrupt)
+        if end > data_len:
+            raise corrupt(
+                f"tensor {name!r} points outside the file (offsets {begin}..{end}, data is {data_len} "
+                "bytes): the file is truncated"
             )
-        if end - begin != math.prod(shape) * ITEMSIZE[dtype]:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} has {end - begin} bytes but shape {list(shape)} of {dtype} needs "
-                f"{math.prod(shape) * ITEMSIZE[dtype]}; {fix}"
+        needed = math.prod(shape) * ITEMSIZE[dtype]
+        if end - begin != needed:
+            raise corrupt(
+                f"tensor {name!r} has {end - begin} bytes (data_offsets {begin}..{end}) but shape "
+                f"{list(shape)} of {dtype} needs {needed}"
             )
         tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin)
         spans.append((begin, end, name))
-    spans.sort()
-    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:], strict=False):
-        if begin_b < end_a:
-            raise CorruptCheckpointError(f"{path}: tensors {name_a!r} and {name_b!r} overlap; {fix}")
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    covered, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < covered:
+            raise corrupt(f"tensors {previous!r} and {name!r} overlap")
+        if begin > covered:
+            raise corrupt(
+                f"a hole of {begin - covered} bytes before tensor {name!r} (offset {begin}): the tensors do "
+                "not cover the data contiguously"
+            )
+        covered, previous = end, name
+    if covered != data_len:
+        raise corrupt(
+            f"the tensors cover {covered} bytes but the file has {data_len} bytes of data: "
+            + ("trailing bytes no tensor names" if covered < data_len else "the file is truncated")
+        )
+    return tensors, metadata
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_header_json(raw: bytes, corrupt) -> dict:
+    def no_repeats(pairs):
+        seen: dict = {}
+        for key, value in pairs:
+            if key in seen:
+                raise corrupt(f"header names {key!r} twice")
+            seen[key] = value
+        return seen
+
+    def no_constant(name):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise corrupt(f"header is not valid UTF-8 ({error})") from None
+    if not text.startswith("{"):
+        raise corrupt("header is not a JSON object (it must start with '{')")
+    try:
+        header = json.loads(text, object_pairs_hook=no_repeats, parse_constant=no_constant)
+    except (json.JSONDecodeError, ValueError, RecursionError) as error:
+        if isinstance(error, CorruptCheckpointError):
+            raise
+        raise corrupt(f"header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    return header
+
+
+def _header_metadata(metadata, corrupt) -> dict[str, str]:
+    if metadata is None:  # absent, or null as the reference implementation allows
+        return {}
+    if not isinstance(metadata, dict):
+        raise corrupt(f"__metadata__ is a JSON {type(metadata).__name__}, not an object of strings")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise corrupt(f"__metadata__ entry {key!r} is a {type(value).__name__}, not a string")
+    return dict(metadata)
+
+
+def _header_entry(name: str, entry, corrupt) -> tuple[str, tuple[int, ...], int, int]:
+    if not isinstance(entry, dict):
+        raise corrupt(f"header entry for {name!r} is a JSON {type(entry).__name__}, not an object")
+    fields = {"dtype", "shape", "data_offsets"}
+    if set(entry) != fields:
+        missing, extra = sorted(fields - set(entry)), sorted(set(entry) - fields)
+        problems = [f"lacks {', '.join(missing)}"] * bool(missing) + [
+            f"has unknown field(s) {', '.join(map(repr, extra))}"
+        ] * bool(extra)
+        raise corrupt(
+            f"header entry for {name!r} {' and '.join(problems)} (needs exactly dtype, shape, data_offsets)"
+        )
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise corrupt(f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise corrupt(f"tensor {name!r} has shape {shape!r}; a shape is a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) for x in offsets)):
+        raise corrupt(f"tensor {name!r} has data_offsets {offsets!r}; they are two integers [begin, end]")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise corrupt(f"tensor {name!r} has data_offsets {offsets!r}; they need 0 <= begin <= end")
+    return dtype, tuple(shape), begin, end
 
 
 @dataclass(frozen=True)
