@@ -180,6 +180,9 @@ def _destination(output: str | Path | None, push: Push) -> Iterator[Path]:
     """The folder to write: ``output``, or a temporary one (removed after) when only publishing.
 
     Publishing is checked here, before any download or arithmetic: repo id shape, and a token unless dry run.
+    The temporary folder is staged beside the Hugging Face cache, under ``$HF_HOME/hf-residual/staging/``,
+    not in ``$TMPDIR`` (often small, or in memory): the output is as large as the model. Its free space is
+    checked before anything is written (by ``staged_output``), with HF_HOME and -o named as the ways out.
     """
     if push.repo_id is not None:
         hub_publish.check_repo_id(push.repo_id)
@@ -192,8 +195,31 @@ def _destination(output: str | Path | None, push: Push) -> Iterator[Path]:
         raise ConfigError(
             "no output: give an output folder (-o DIR), a repo to publish to (--push-to), or both"
         )
-    with tempfile.TemporaryDirectory(prefix="hf-residual-") as tmp:
-        yield Path(tmp) / push.repo_id.rsplit("/", 1)[-1]
+    import os
+
+    from huggingface_hub import constants
+
+    from hf_residual import output as outputs
+    from hf_residual.errors import InsufficientDiskError
+
+    home = Path(os.environ.get("HF_HOME") or constants.HF_HOME).expanduser()
+    root = home / "hf-residual" / "staging"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="push-", dir=root))
+    try:
+        yield folder / push.repo_id.rsplit("/", 1)[-1]
+    except InsufficientDiskError as error:
+        if not getattr(error, "folder", Path("/")).is_relative_to(folder):
+            raise
+        advice = (
+            f"without -o the output is staged beside the Hugging Face cache (HF_HOME={home}) before upload: "
+            "free space there, point HF_HOME at a larger disk, or give -o DIR on a disk with room"
+        )
+        raise InsufficientDiskError(
+            outputs.disk_message(error.folder, error.needed, error.available, advice)
+        ) from None
+    finally:
+        outputs.remove_folder(folder)
 
 
 def _publish(result: Result, push: Push) -> Result:
