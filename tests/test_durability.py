@@ -4,6 +4,7 @@ and a push without ``-o`` stages beside the Hugging Face cache rather than in ``
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,9 @@ def _streaming(parent: Path) -> bool:
     return False
 
 
-def _interrupt_mid_stream(args: list[str], parent: Path, tmpdir: Path, sig: int) -> subprocess.CompletedProcess:
+def _interrupt_mid_stream(
+    args: list[str], parent: Path, tmpdir: Path, sig: int
+) -> subprocess.CompletedProcess:
     """Run the CLI with a tiny engine block (slow), send ``sig`` once a shard is being written."""
     env = {**os.environ, "HF_RESIDUAL_BLOCK_LOG2": "2", "TMPDIR": str(tmpdir)}
     proc = subprocess.Popen(
@@ -90,7 +93,9 @@ def test_a_lossy_extract_killed_mid_stream_removes_its_exact_temporary_folder(ll
 
 def test_an_apply_of_a_compressed_residual_killed_mid_stream_removes_the_decoded_copy(llama, tmp_path):
     residual = tmp_path / "lowrank"
-    api.extract(llama.instruct, llama.base, residual, codec="lowrank:4", max_shard_size="20KB", progress=False)
+    api.extract(
+        llama.instruct, llama.base, residual, codec="lowrank:4", max_shard_size="20KB", progress=False
+    )
     parent, tmpdir = tmp_path / "models", tmp_path / "tmp"
     parent.mkdir()
     tmpdir.mkdir()
@@ -165,6 +170,42 @@ def test_overwrite_falls_back_to_two_renames_without_renameat2(tmp_path, monkeyp
         (staging / "config.json").write_text("new")
     assert (out / "config.json").read_text() == "new"
     assert _leftovers(tmp_path) == []
+
+
+def test_a_signal_during_the_swap_is_raised_once_the_old_output_is_gone(tmp_path, monkeypatch):
+    from hf_residual.cli import Terminated, _on_signal
+
+    out = _folder(tmp_path / "out", "old")
+    real_exchange = output.exchange
+
+    def exchange_during_a_signal(a, b):
+        _on_signal(signal.SIGTERM, None)  # what the CLI's handler does when SIGTERM arrives here
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(output, "exchange", exchange_during_a_signal)
+    with pytest.raises(Terminated), output.staged_output(out, overwrite=True, required_bytes=0) as staging:
+        (staging / "config.json").write_text("new")
+    assert (out / "config.json").read_text() == "new"
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_second_signal_does_not_stop_the_cleanup(tmp_path, monkeypatch):
+    from hf_residual.cli import _on_signal
+
+    real_rmtree = shutil.rmtree
+
+    def rmtree_during_a_signal(path, *args, **kwargs):
+        _on_signal(signal.SIGINT, None)  # a second Ctrl-C while the staging folder is being removed
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_during_a_signal)
+    with (
+        pytest.raises(KeyboardInterrupt),
+        output.staged_output(tmp_path / "out", overwrite=False, required_bytes=0) as staging,
+    ):
+        (staging / "model.safetensors").write_bytes(b"x")
+        raise KeyboardInterrupt
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
 
 
 def test_files_and_folders_are_fsynced_before_the_rename(tmp_path, monkeypatch):
