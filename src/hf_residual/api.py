@@ -477,10 +477,11 @@ def _apply(
     plans.check_same_names(
         set(r_ckpt.tensors), set(manifest.tensors), "residual weights", "residual manifest"
     )
+    manifest.check_weights(r_ckpt.tensors, residual_model.path)  # shapes, dtypes; data checked as read
     plans.check_target(t_ckpt, plans.base_shapes_of_residual(r_ckpt, rows), manifest.model_type)
     base_samples = {n: e.base_sample for n, e in manifest.tensors.items()}
     distance = _check_descendant(t_ckpt, base_samples, settings.force)
-    jobs = plans.apply_jobs(r_ckpt, rows, t_ckpt, alpha)
+    jobs = plans.apply_jobs(r_ckpt, rows, t_ckpt, alpha, manifest.checksums)
     shards = engine.plan_shards(jobs, "model", parse_size(settings.max_shard_size))
     instruct_config = _read_json(residual_model.path / assets.INSTRUCT_CONFIG)
     grown = manifest.instruct_vocab_size if manifest.instruct_vocab_size != manifest.base_vocab_size else None

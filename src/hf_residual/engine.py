@@ -12,6 +12,7 @@ Math of one segment, in float32, one rounding at the end:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -45,10 +46,17 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 @dataclass(frozen=True)
 class Source:
-    """A run of elements of an input tensor, starting at element ``start``."""
+    """A run of elements of an input tensor, starting at element ``start``.
+
+    ``sha256``: the digest the whole input tensor's bytes must have (a residual's, from its manifest).
+    The engine hashes the raw bytes as it reads them (no second pass), across every segment that reads
+    the tensor, and raises ``VerificationError`` at the end of the tensor's job if they differ, before the
+    shard is closed.
+    """
 
     info: TensorInfo
     start: int = 0
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,10 +144,27 @@ class _Writer(threading.Thread):
         self.hashes: dict[str, str] = {}
         self.error: BaseException | None = None
         self._readback = np.empty(block_bytes, np.uint8)
+        # The open shard: written through ``_handle``, read back through ``_read_fd``.
+        self._handle = None
+        self._read_fd = -1
 
     def run(self) -> None:
-        handle = None
-        read_fd = -1
+        try:
+            self._loop()
+        finally:  # "end" after an abort mid-shard, or an error: no descriptor outlives the run
+            self._close_files()
+
+    def _close_files(self) -> None:
+        handle, read_fd = self._handle, self._read_fd
+        self._handle, self._read_fd = None, -1
+        try:
+            if handle is not None:
+                handle.close()
+        finally:
+            if read_fd >= 0:
+                os.close(read_fd)
+
+    def _loop(self) -> None:
         hasher = None
         cursor = 0
         current: OutputTensor | None = None
@@ -154,9 +179,9 @@ class _Writer(threading.Thread):
             try:
                 if kind == "open":
                     path, header = payload
-                    handle = open(path, "wb", buffering=0)  # noqa: SIM115 - closed on "close"
-                    read_fd = os.open(path, os.O_RDONLY)
-                    _write_all(handle, memoryview(header))
+                    self._handle = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by _close_files
+                    self._read_fd = os.open(path, os.O_RDONLY)
+                    _write_all(self._handle, memoryview(header))
                     cursor = len(header)
                 elif kind == "tensor":
                     current = payload
@@ -164,8 +189,8 @@ class _Writer(threading.Thread):
                 elif kind == "data":
                     buffer, nbytes = payload
                     view = memoryview(buffer)[:nbytes]
-                    _write_all(handle, view)
-                    self._verify_block(read_fd, cursor, buffer[:nbytes], current)
+                    _write_all(self._handle, view)
+                    self._verify_block(self._read_fd, cursor, buffer[:nbytes], current)
                     if hasher is not None:
                         hasher.update(view)
                     cursor += nbytes
@@ -174,18 +199,14 @@ class _Writer(threading.Thread):
                     self.hashes[current.name] = hasher.hexdigest() if hasher is not None else ""
                 elif kind == "close":
                     path, expected = payload
-                    handle.close()
-                    os.close(read_fd)
-                    handle, read_fd = None, -1
+                    self._close_files()
                     _verify_header(path, expected)
             except BaseException as error:  # noqa: BLE001 - handed to the main thread
                 self.error = error
                 if kind == "data":
                     self.free.put(payload[0])
-                if handle is not None:
-                    handle.close()
-                    os.close(read_fd)
-                    handle, read_fd = None, -1
+                with contextlib.suppress(OSError):  # the first error is the one to report
+                    self._close_files()
 
     def _verify_block(self, fd: int, offset: int, written: np.ndarray, tensor: OutputTensor) -> None:
         back = self._readback[: written.size]
@@ -233,6 +254,46 @@ class _Files:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+class _InputDigests:
+    """sha256 of the input tensors whose ``Source`` carries an expected digest, fed as blocks are read.
+
+    A tensor's blocks are read in order, possibly over two segments (a residual's rows, then its absolute
+    rows), so one running hash per input tensor sees every byte once, straight from the read buffer and
+    before any arithmetic touches it. ``check`` runs at the end of the tensor's job.
+    """
+
+    def __init__(self, job: TensorJob) -> None:
+        # input tensor -> [running hash, next element expected, expected digest]
+        self._states: dict[TensorInfo, list] = {}
+        for segment in job.segments:
+            for source in (segment.plus, segment.minus, segment.addend):
+                if source is not None and source.sha256 is not None:
+                    self._states.setdefault(source.info, [hashlib.sha256(), 0, source.sha256])
+
+    def __bool__(self) -> bool:
+        return bool(self._states)
+
+    def feed(self, source: Source, element: int, count: int, raw) -> None:
+        """``raw``: the stored bytes of ``source.info``'s elements ``element:element+count``."""
+        if source.sha256 is None:
+            return
+        state = self._states[source.info]
+        if element != state[1]:  # pragma: no cover - plans read each checked tensor in order, once
+            raise RuntimeError(f"{source.info.name!r} read out of order: element {element}, not {state[1]}")
+        state[0].update(raw)
+        state[1] += count
+
+    def check(self) -> None:
+        for info, (hasher, done, expected) in self._states.items():
+            if done != info.numel or hasher.hexdigest() != expected:
+                raise VerificationError(
+                    f"tensor {info.name!r} in {info.file} does not match the sha256 recorded for it in "
+                    f"{info.file.parent}'s manifest: the residual is damaged (its data was altered or "
+                    "corrupted after it was written). Nothing was written; re-download the residual, or "
+                    "re-extract it from the instruct and base models"
+                )
 
 
 def _non_finite_message(
@@ -321,6 +382,13 @@ def _run_job(
     stats = TensorStats(sha256="")
     acc, tmp = buffers.acc, buffers.tmp
     out_dtype = job.out.dtype
+    digests = _InputDigests(job)
+
+    def decode(source: Source, offset: int, count: int, out: np.ndarray) -> None:
+        element = source.start + offset
+        sink = (lambda raw: digests.feed(source, element, count, raw)) if source.sha256 else None
+        kernels.decode(files.fd(source.info.file), source.info, element, count, out, buffers, sink)
+
     for segment in job.segments:
         alpha = np.float32(segment.alpha)
         kernel = None if job.collect_norms else _fused_kernel(segment, out_dtype)
@@ -330,7 +398,7 @@ def _run_job(
             offset = start - segment.start
             if kernel is not None:
                 out = writer.free.get()
-                worst = _run_fused(kernel, segment, offset, count, files, buffers, out, out_dtype)
+                worst = _run_fused(kernel, segment, offset, count, files, buffers, out, out_dtype, digests)
                 if kernels.overflows(worst, out_dtype):
                     writer.free.put(out)
                     raise NonFiniteError(
@@ -339,26 +407,12 @@ def _run_job(
                 put("data", (out, count * ITEMSIZE[out_dtype]))
                 continue
             a = acc[:count]
-            kernels.decode(
-                files.fd(segment.plus.info.file),
-                segment.plus.info,
-                segment.plus.start + offset,
-                count,
-                a,
-                buffers,
-            )
+            decode(segment.plus, offset, count, a)
             if job.collect_norms:
                 stats.plus_norm += _sum_squares(a)
             if segment.minus is not None:
                 t = tmp[:count]
-                kernels.decode(
-                    files.fd(segment.minus.info.file),
-                    segment.minus.info,
-                    segment.minus.start + offset,
-                    count,
-                    t,
-                    buffers,
-                )
+                decode(segment.minus, offset, count, t)
                 if job.collect_norms:
                     stats.minus_norm += _sum_squares(t)
                 a -= t
@@ -370,14 +424,7 @@ def _run_job(
                 stats.result_norm += _sum_squares(a)
             if segment.addend is not None:
                 t = tmp[:count]
-                kernels.decode(
-                    files.fd(segment.addend.info.file),
-                    segment.addend.info,
-                    segment.addend.start + offset,
-                    count,
-                    t,
-                    buffers,
-                )
+                decode(segment.addend, offset, count, t)
                 a += t
             if kernels.overflows(kernels.max_magnitude_bits(a, buffers), out_dtype):
                 raise NonFiniteError(
@@ -388,6 +435,7 @@ def _run_job(
                 out = writer.free.get()
             view = kernels.encode(a, out_dtype, out, buffers)
             put("data", (out, len(view)))
+    digests.check()  # before "end_tensor": a damaged input never reaches a closed shard
     stats.plus_norm **= 0.5
     stats.minus_norm **= 0.5
     stats.result_norm **= 0.5
@@ -449,13 +497,20 @@ _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _read_view(
-    role: int, source: Source, offset: int, count: int, files: _Files, buffers: kernels.BlockBuffers
+    role: int,
+    source: Source,
+    offset: int,
+    count: int,
+    files: _Files,
+    buffers: kernels.BlockBuffers,
+    digests: _InputDigests,
 ) -> np.ndarray:
     info = source.info
     raw = buffers.raws[role][: count * info.itemsize]
     kernels.pread_into(
         files.fd(info.file), memoryview(raw), info.offset + (source.start + offset) * info.itemsize
     )
+    digests.feed(source, source.start + offset, count, raw)
     return raw.view(fused.VIEW_DTYPES[info.dtype])
 
 
@@ -468,24 +523,24 @@ def _run_fused(
     buffers: kernels.BlockBuffers,
     out: np.ndarray,
     out_dtype: str,
+    digests: _InputDigests,
 ) -> int:
     target = out[: count * ITEMSIZE[out_dtype]].view(fused.VIEW_DTYPES[out_dtype])
     alpha = np.float32(segment.alpha)
     if READ_MODE == "mmap":
         maps = _MappedInputs()
         try:
-            views = [
-                maps.view(files.fd(s.info.file), s, offset, count)
-                for s in (segment.plus, segment.minus, segment.addend)
-                if s is not None
-            ]
+            sources = [s for s in (segment.plus, segment.minus, segment.addend) if s is not None]
+            views = [maps.view(files.fd(s.info.file), s, offset, count) for s in sources]
+            for k, source in enumerate(sources):  # no name left holding a view: maps.close() unmaps
+                digests.feed(source, source.start + offset, count, views[k])
             worst = _call_kernel(kernel, views, alpha, target)
             del views
         finally:
             maps.close()
         return worst
     views = [
-        _read_view(role, s, offset, count, files, buffers)
+        _read_view(role, s, offset, count, files, buffers, digests)
         for role, s in enumerate((segment.plus, segment.minus, segment.addend))
         if s is not None
     ]

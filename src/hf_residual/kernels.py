@@ -8,6 +8,7 @@ float32, so decoding is a 16-bit shift and encoding is round-to-nearest-even by 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -45,16 +46,31 @@ class BlockBuffers:
         self.raws = [np.empty(block * 4, np.uint8) for _ in range(3)]
 
 
-def decode(fd: int, info: TensorInfo, start: int, count: int, out: np.ndarray, buffers: BlockBuffers) -> None:
-    """Read elements ``start:start+count`` of ``info`` from ``fd`` into ``out[:count]`` as float32."""
+def decode(
+    fd: int,
+    info: TensorInfo,
+    start: int,
+    count: int,
+    out: np.ndarray,
+    buffers: BlockBuffers,
+    raw_sink: Callable[[memoryview], None] | None = None,
+) -> None:
+    """Read elements ``start:start+count`` of ``info`` from ``fd`` into ``out[:count]`` as float32.
+
+    ``raw_sink``, if given, sees the stored bytes as read, before they are decoded (to hash them).
+    """
     itemsize = ITEMSIZE[info.dtype]
     offset = info.offset + start * itemsize
     target = out[:count]
     if info.dtype == "F32":
         pread_into(fd, memoryview(target).cast("B"), offset)
+        if raw_sink is not None:
+            raw_sink(memoryview(target).cast("B"))
         return
     raw = buffers.raw[: count * itemsize]
     pread_into(fd, memoryview(raw), offset)
+    if raw_sink is not None:
+        raw_sink(memoryview(raw))
     if info.dtype == "BF16":
         np.left_shift(raw.view(np.uint16), 16, out=target.view(np.uint32), dtype=np.uint32)
     elif info.dtype == "F16":

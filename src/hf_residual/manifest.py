@@ -6,13 +6,16 @@ Format version 1. Readers refuse versions and codecs they do not know, naming th
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hf_residual import __version__
-from hf_residual.errors import ManifestError
+from hf_residual.errors import ManifestError, VerificationError
+from hf_residual.safetensors_io import TensorInfo
 
 MANIFEST_NAME = "residual.json"
+_SHA256 = re.compile("[0-9a-f]{64}")
 FORMAT_NAME = "hf-residual"
 FORMAT_VERSION = 1
 WEIGHTS_PREFIX = "residual"
@@ -95,6 +98,31 @@ class Manifest:
     @property
     def absolute_rows_from(self) -> dict[str, int | None]:
         return {name: entry.absolute_rows_from for name, entry in self.tensors.items()}
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        return {name: entry.sha256 for name, entry in self.tensors.items()}
+
+    def check_weights(self, tensors: dict[str, TensorInfo], folder: Path) -> None:
+        """The shards' headers must hold what the manifest records: per tensor its shape, dtype, and a
+        sha256 to check the data against (``engine`` checks the digests as it reads the bytes).
+
+        Run before any arithmetic; names are compared by the caller.
+        """
+        fix = "re-download the residual, or re-extract it from the instruct and base models"
+        for name in sorted(tensors.keys() & self.tensors.keys()):
+            info, entry = tensors[name], self.tensors[name]
+            if tuple(entry.shape) != info.shape or entry.dtype != info.dtype:
+                raise VerificationError(
+                    f"{folder}: tensor {name!r} is stored as {info.dtype} {list(info.shape)} but the manifest "
+                    f"records {entry.dtype} {list(entry.shape)}: the residual is damaged (weights and "
+                    f"{MANIFEST_NAME} do not belong together); {fix}"
+                )
+            if not _SHA256.fullmatch(entry.sha256 or ""):
+                raise VerificationError(
+                    f"{folder}: the manifest records no valid sha256 for tensor {name!r}, so its data cannot "
+                    f"be checked: the residual is damaged; {fix}"
+                )
 
 
 def is_residual_folder(path: Path) -> bool:

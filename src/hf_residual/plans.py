@@ -134,13 +134,15 @@ def _row_elements(shape: tuple[int, ...], rows: int) -> int:
 def extract_jobs(pairs: list[PairedTensor], dtype: str) -> list[TensorJob]:
     """``R = I - B`` for base rows; new vocabulary rows copied from instruct.
 
-    A float32 residual of bf16/fp16 weights also counts elements that ``B + R`` would not give back
-    exactly (possible only where |I| is far below |B|), so the manifest can state losslessness as measured.
+    A float32 residual of bf16/fp16 weights also counts elements that ``B + R``, rounded to the instruct
+    tensor's dtype, would not give back exactly (possible where |I| is far below |B|, or where a base in
+    another dtype holds bits the instruct dtype cannot), so the manifest states losslessness as measured,
+    whatever the base's dtype.
     """
     jobs = []
     for p in pairs:
         split = p.base_elements
-        check = dtype == "F32" and p.instruct.dtype in ("BF16", "F16") and p.base.dtype == p.instruct.dtype
+        check = dtype == "F32" and p.instruct.dtype in ("BF16", "F16")
         segments = [
             Segment(
                 0,
@@ -174,17 +176,26 @@ def port_jobs(pairs: list[PairedTensor], target: Checkpoint, alpha: float) -> li
 
 
 def apply_jobs(
-    residual: Checkpoint, absolute_rows_from: dict[str, int | None], target: Checkpoint, alpha: float
+    residual: Checkpoint,
+    absolute_rows_from: dict[str, int | None],
+    target: Checkpoint,
+    alpha: float,
+    sha256: dict[str, str] | None = None,
 ) -> list[TensorJob]:
-    """``T + alpha * R`` in the target's dtype; the residual's absolute rows copied as they are."""
+    """``T + alpha * R`` in the target's dtype; the residual's absolute rows copied as they are.
+
+    ``sha256``: each residual tensor's digest from the manifest; the engine checks it on the bytes it
+    reads (over both segments of a tensor with absolute rows) and refuses a damaged residual.
+    """
     jobs = []
     for name in sorted(residual.tensors):
         r, t = residual.tensors[name], target.tensors[name]
         rows = absolute_rows_from.get(name)
         split = r.numel if rows is None else _row_elements(r.shape, rows)
-        segments = [Segment(0, split, plus=Source(r), alpha=alpha, addend=Source(t))]
+        digest = (sha256 or {}).get(name)
+        segments = [Segment(0, split, plus=Source(r, sha256=digest), alpha=alpha, addend=Source(t))]
         if rows is not None:
-            segments.append(Segment(split, r.numel, plus=Source(r, split)))
+            segments.append(Segment(split, r.numel, plus=Source(r, split, sha256=digest)))
         jobs.append(TensorJob(OutputTensor(name, t.dtype, r.shape), tuple(segments)))
     return jobs
 
