@@ -9,12 +9,13 @@ no token; the token never appears in output or files.
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import bits, load_tensors
+from helpers import bits, load_tensors, reference_port
 from hubserver import add_family
 
 from hf_residual import api
@@ -24,9 +25,24 @@ from hf_residual.hub import NoWriteAccessError
 TOKEN = "hf_localTestToken0123456789"
 
 
-def _same(a: Path, b: Path) -> bool:
-    ta, tb = load_tensors(a), load_tensors(b)
-    return ta.keys() == tb.keys() and all(torch.equal(bits(ta[k]), bits(tb[k])) for k in ta)
+def _matches(folder: Path, expected: dict[str, torch.Tensor]) -> bool:
+    """Bit for bit equal to ``expected`` (same names, dtypes and bits)."""
+    got = load_tensors(folder)
+    return got.keys() == expected.keys() and all(
+        got[k].dtype == expected[k].dtype and torch.equal(bits(got[k]), bits(expected[k])) for k in expected
+    )
+
+
+@pytest.fixture(scope="module")
+def expected(llama) -> dict[str, dict[str, torch.Tensor]]:
+    """Independent float32 references: the bfloat16 residual I - B, the port T + (I - B), and T + R with
+    that stored residual (what applying the published residual gives)."""
+    t, i, b = (load_tensors(p) for p in (llama.cpt, llama.instruct, llama.base))
+    residual = {k: (i[k].float() - b[k].float()).to(torch.bfloat16) for k in i}
+    port = {k: reference_port(t[k], i[k], b[k], 1.0) for k in t}
+    applied = {k: (t[k].float() + residual[k].float()).to(t[k].dtype) for k in t}
+    assert all(not torch.equal(bits(port[k]), bits(t[k])) for k in t if t[k].ndim == 2)  # the residual shows
+    return {"residual": residual, "port": port, "applied": applied}
 
 
 @pytest.fixture
@@ -45,7 +61,7 @@ def _files_of(folder: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in folder.rglob("*") if p.is_file())
 
 
-def test_residual_repo_pushed_then_used_as_source(writer, llama, tmp_path, capsys):
+def test_residual_repo_pushed_then_used_as_source(writer, llama, expected, tmp_path, capsys):
     from huggingface_hub import HfApi, ModelCard, snapshot_download
 
     hub = writer
@@ -68,20 +84,18 @@ def test_residual_repo_pushed_then_used_as_source(writer, llama, tmp_path, capsy
     assert "hf-residual" in info.card_data.tags
     snapshot = Path(snapshot_download(repo, revision=info.sha))
     assert TOKEN not in _files_of(snapshot)
+    assert _matches(snapshot, expected["residual"])  # the published weights are I - B, rounded once
+    card.validate()  # the metadata passes the (double's) Hub validation
 
-    # The published residual repo is a SOURCE for port: same result as porting from the models.
+    # The published residual repo is a SOURCE for port: T + R in float32, rounded once; porting from the
+    # models adds the exact I - B instead.
     from_repo = api.port(repo, ids["cpt"], tmp_path / "from-repo", progress=False)
+    assert _matches(from_repo.output, expected["applied"])
     direct = api.port(ids["instruct"], ids["cpt"], tmp_path / "direct", progress=False)
-    assert torch.allclose(
-        load_tensors(from_repo.output)["model.layers.0.mlp.down_proj.weight"].float(),
-        load_tensors(direct.output)["model.layers.0.mlp.down_proj.weight"].float(),
-        atol=1e-2,
-    )
-    local = api.apply(snapshot, llama.cpt, tmp_path / "local-apply", progress=False)
-    assert _same(from_repo.output, local.output)
+    assert _matches(direct.output, expected["port"])
 
 
-def test_port_pushes_ported_model_with_lineage(writer, llama, tmp_path):
+def test_port_pushes_ported_model_with_lineage(writer, llama, expected, tmp_path):
     from huggingface_hub import HfApi, ModelCard, snapshot_download
     from transformers import AutoModelForCausalLM
 
@@ -104,11 +118,12 @@ def test_port_pushes_ported_model_with_lineage(writer, llama, tmp_path):
     info = HfApi().model_info(repo, revision="main")
     assert info.card_data.to_dict()["base_model_relation"] == "merge"
 
+    card.validate()
+
     snapshot = Path(snapshot_download(repo, revision=info.sha))
     model = AutoModelForCausalLM.from_pretrained(snapshot)
     assert model.config.model_type == "llama"
-    local = api.port(llama.instruct, llama.cpt, tmp_path / "local", base=llama.base, progress=False)
-    assert _same(snapshot, local.output)
+    assert _matches(snapshot, expected["port"])
 
 
 def test_dry_run_uploads_nothing(writer, llama, tmp_path, capsys, monkeypatch):
@@ -139,9 +154,17 @@ def test_create_pr_leaves_main_alone(writer, llama, tmp_path):
     assert publication.pr_url and publication.pr_url.endswith("/discussions/1")
     assert hub.head(repo) == main_before
     assert hub.head(repo, "refs/pr/1") == publication.commit_sha
+    from hubserver.gitrepos import git
+
+    # the pull request holds the new (float32) residual, main still the first (bfloat16) one
+    manifests = {
+        ref: json.loads(git(hub.repo_path(repo), "show", f"{ref}:residual.json"))
+        for ref in ("main", "refs/pr/1")
+    }
+    assert (manifests["main"]["codec"], manifests["refs/pr/1"]["codec"]) == ("bfloat16", "float32")
 
 
-def test_interrupted_upload_then_rerun_makes_one_complete_commit(writer, llama, tmp_path, capsys):
+def test_interrupted_upload_then_rerun_makes_one_complete_commit(writer, llama, expected, tmp_path, capsys):
     hub = writer
     ids = _family(hub, llama)
     repo = f"org/retry-{uuid.uuid4().hex[:6]}"
@@ -162,6 +185,9 @@ def test_interrupted_upload_then_rerun_makes_one_complete_commit(writer, llama, 
     published = set(list_files(hub.repo_path(repo)))
     local = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert local <= published
+    from huggingface_hub import snapshot_download
+
+    assert _matches(Path(snapshot_download(repo)), expected["port"])  # the complete, correct weights
 
 
 def test_no_write_access_and_no_token(hub, llama, tmp_path, monkeypatch):
@@ -173,3 +199,68 @@ def test_no_write_access_and_no_token(hub, llama, tmp_path, monkeypatch):
         api.port(ids["instruct"], ids["cpt"], push_to="org/not-yours", token="hf_readerToken", progress=False)
     assert "hf_readerToken" not in str(denied.value)
     assert hub.head("org/not-yours") is None
+
+
+def _model_index(result: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump({"model-index": [{"name": "m", "results": [result]}]}, sort_keys=False)
+
+
+_RESULT = {
+    "task": {"type": "text-generation"},
+    "dataset": {"type": "org/data", "name": "Data"},
+    "metrics": [{"type": "acc", "value": 0.5}],
+}
+INVALID_METADATA = [
+    ("license: not-a-license\n", '"license" must be one of the Hub\'s license ids'),
+    ("base_model:\n- 3\n", '"base_model" must be a model id or a list of model ids'),
+    ("base_model: org/x y\n", '"base_model" must be a model id'),
+    ("base_model: org/x\nbase_model_relation: merged\n", '"base_model_relation" must be one of'),
+    ("base_model_relation: merge\n", '"base_model_relation" needs a "base_model"'),
+    ("tags:\n  a: 1\n", '"tags" must be a string or a list of strings'),
+    ("model-index:\n- results: []\n", '"model-index[0]".name is required'),
+    (_model_index({**_RESULT, "task": {"name": "gen"}}), '"model-index[0]".results[0].task.type is required'),
+    (_model_index({**_RESULT, "dataset": {"type": "org/data"}}), "dataset.name are required"),
+    (_model_index({**_RESULT, "metrics": []}), "results[0].metrics must be a non-empty list"),
+    (_model_index({**_RESULT, "metrics": [{"type": "acc"}]}), "results[0].metrics[0].value is required"),
+    (_model_index({**_RESULT, "metrics": [{"value": 1}]}), "results[0].metrics[0].type is required"),
+]
+
+
+@pytest.mark.parametrize(("metadata", "message"), INVALID_METADATA)
+def test_the_hub_double_rejects_invalid_card_metadata(hub, metadata, message):
+    """validate-yaml refuses what the Hub refuses (a subset), so a card that passes it means something."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    content = f"---\n{metadata}---\n\n# a model\n"
+    response = get_session().post(
+        f"{constants.ENDPOINT}/api/validate-yaml", json={"repoType": "model", "content": content}
+    )
+    assert response.status_code == 400 and message in response.text, response.text
+    # One change makes it valid: the same card with a valid block passes.
+    fixed = f"---\nlicense: other\nbase_model: org/x\n{_model_index(_RESULT)}---\n\n# a model\n"
+    ok = get_session().post(
+        f"{constants.ENDPOINT}/api/validate-yaml", json={"repoType": "model", "content": fixed}
+    )
+    assert ok.status_code == 200, ok.text
+
+
+def test_model_card_validate_raises_on_what_the_hub_double_refuses(hub):
+    from hubserver.uploads import card_metadata_errors
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    result = EvalResult(task_type="text-generation", dataset_type="org/data", dataset_name="Data",
+                        metric_type="acc", metric_value=0.5)  # fmt: skip
+    data = ModelCardData(
+        license="apache-2.0", base_model=["org/a", "org/b"], model_name="m", eval_results=[result]
+    )
+    ModelCard.from_template(data).validate()
+    with pytest.raises(ValueError, match='"license" must be one of'):
+        ModelCard("---\nlicense: Apache 2.0\n---\n\n# a model\n").validate()
+    assert card_metadata_errors("---\nlicense: [mit\n---\n")[0].startswith(
+        "the YAML front matter does not parse"
+    )
+    assert card_metadata_errors("---\n- a\n---\n") == ["the YAML front matter must be a mapping"]
+    assert card_metadata_errors("# no metadata\n") == []

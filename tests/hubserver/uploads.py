@@ -1,14 +1,16 @@
 """TEST DOUBLE of the Hugging Face Hub's upload routes, writing real git commits that olah serves back.
 
 Nothing installable implements the Hub's upload API, so this small Starlette app stands in for it:
-``whoami-v2``, ``repos/create``, ``validate-yaml``, ``preupload``, the git-lfs batch API and the PUT of
-LFS content, ``commit`` (NDJSON body, ``create_pr``), ``branch`` and ``tag``. Each commit is a real git
+``whoami-v2``, ``repos/create``, ``validate-yaml`` (a subset of the Hub's metadata rules, see
+``card_metadata_errors``), ``preupload``, the git-lfs batch API and the PUT of LFS content, ``commit`` (NDJSON
+body, ``create_pr``), ``branch`` and ``tag``. Each commit is a real git
 commit in the mirror folder that olah reads, so every upload is checked by reading it back through the
 real download path.
 
 Real behaviours it does NOT cover: Xet storage (tests set ``HF_HUB_DISABLE_XET=1``), organisations and
 fine-grained permissions beyond "this token may write to these namespaces", rate limits, multipart LFS
-uploads, LFS verify, server-side YAML validation, repo visibility (``private`` is recorded, not enforced),
+uploads, LFS verify, the Hub's metadata rules beyond ``card_metadata_errors`` (and the full license
+list), repo visibility (``private`` is recorded, not enforced),
 gitignore handling and the no-op detection of unchanged files.
 """
 
@@ -17,12 +19,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import gitrepos
@@ -58,6 +62,107 @@ class UploadState:
         return pending.pop(0) if pending else None
 
 
+# A subset of https://huggingface.co/docs/hub/repositories-licenses: the ids tests and common models use.
+KNOWN_LICENSES = frozenset(
+    {
+        "apache-2.0", "mit", "openrail", "openrail++", "creativeml-openrail-m", "bigscience-openrail-m",
+        "bigscience-bloom-rail-1.0", "bigcode-openrail-m", "afl-3.0", "artistic-2.0", "bsl-1.0", "bsd",
+        "bsd-2-clause", "bsd-3-clause", "bsd-3-clause-clear", "cc", "cc0-1.0", "cc-by-2.0", "cc-by-3.0",
+        "cc-by-4.0", "cc-by-sa-3.0", "cc-by-sa-4.0", "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0",
+        "cc-by-nd-4.0", "cc-by-nc-nd-4.0", "cc-by-nc-sa-4.0", "wtfpl", "ecl-2.0", "epl-2.0", "eupl-1.1",
+        "agpl-3.0", "gfdl", "gpl", "gpl-2.0", "gpl-3.0", "lgpl", "lgpl-2.1", "lgpl-3.0", "isc", "ms-pl",
+        "mpl-2.0", "odc-by", "odbl", "osl-3.0", "postgresql", "ofl-1.1", "ncsa", "unlicense", "zlib", "pddl",
+        "llama2", "llama3", "llama3.1", "llama3.2", "llama3.3", "gemma", "unknown", "other",
+    }
+)  # fmt: skip
+BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
+_REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+
+
+def card_metadata_errors(content: str) -> list[str]:
+    """What the Hub's validate-yaml route refuses in a model card's YAML front matter (a subset).
+
+    Rules, from the Hub docs (modelcard.md, repositories-licenses, model-cards#specifying-a-base-model) and
+    huggingface_hub's ``EvalResult``: the front matter is a YAML mapping; ``license`` a known id or
+    ``other``; ``base_model`` a repo id or a list of them; ``base_model_relation`` one of the documented
+    values and only with a ``base_model``; ``tags``/``datasets``/``language`` strings or lists of strings;
+    each ``model-index`` entry has a ``name`` and ``results``, each result a ``task.type``, ``dataset.type``
+    and ``dataset.name`` and a non-empty ``metrics`` list whose items have ``type`` and ``value``.
+    """
+    if not content.startswith("---"):
+        return []  # no metadata block: nothing to validate
+    parts = content.split("---", 2)
+    if len(parts) < 3:
+        return ["the YAML front matter is not closed by a '---' line"]
+    try:
+        data = yaml.safe_load(parts[1])
+    except yaml.YAMLError as exc:
+        return [f"the YAML front matter does not parse: {exc}"]
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        return ["the YAML front matter must be a mapping"]
+    errors = []
+
+    def strings(value) -> bool:
+        items = value if isinstance(value, list) else [value]
+        return bool(items) and all(isinstance(v, str) and v for v in items)
+
+    if "license" in data and (not isinstance(data["license"], str) or data["license"] not in KNOWN_LICENSES):
+        errors.append(f'"license" must be one of the Hub\'s license ids or "other", got {data["license"]!r}')
+    if "base_model" in data:
+        value = data["base_model"]
+        if not strings(value) or not all(
+            _REPO_ID.match(v) for v in (value if isinstance(value, list) else [value])
+        ):
+            errors.append(f'"base_model" must be a model id or a list of model ids, got {value!r}')
+    if "base_model_relation" in data:
+        if data["base_model_relation"] not in BASE_MODEL_RELATIONS:
+            errors.append(f'"base_model_relation" must be one of {", ".join(BASE_MODEL_RELATIONS)}')
+        if "base_model" not in data:
+            errors.append('"base_model_relation" needs a "base_model"')
+    for key in ("tags", "datasets", "language"):
+        if key in data and not strings(data[key]):
+            errors.append(f'"{key}" must be a string or a list of strings')
+    if "model-index" in data:
+        errors += _model_index_errors(data["model-index"])
+    return errors
+
+
+def _model_index_errors(index) -> list[str]:
+    if not isinstance(index, list) or not index:
+        return ['"model-index" must be a non-empty list']
+    errors = []
+    for i, entry in enumerate(index):
+        where = f'"model-index[{i}]"'
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            errors.append(f"{where}.name is required")
+            continue
+        results = entry.get("results")
+        if not isinstance(results, list):
+            errors.append(f"{where}.results must be a list")
+            continue
+        for j, result in enumerate(results):
+            at = f"{where}.results[{j}]"
+            task, dataset = (result.get(k) if isinstance(result, dict) else None for k in ("task", "dataset"))
+            if not isinstance(task, dict) or not isinstance(task.get("type"), str):
+                errors.append(f"{at}.task.type is required")
+            if not isinstance(dataset, dict) or not all(
+                isinstance(dataset.get(k), str) for k in ("type", "name")
+            ):
+                errors.append(f"{at}.dataset.type and {at}.dataset.name are required")
+            metrics = result.get("metrics") if isinstance(result, dict) else None
+            if not isinstance(metrics, list) or not metrics:
+                errors.append(f"{at}.metrics must be a non-empty list")
+                continue
+            for k, metric in enumerate(metrics):
+                if not isinstance(metric, dict) or not isinstance(metric.get("type"), str):
+                    errors.append(f"{at}.metrics[{k}].type is required")
+                elif metric.get("value") is None:
+                    errors.append(f"{at}.metrics[{k}].value is required")
+    return errors
+
+
 def build_routes(state: UploadState, base_url: callable) -> list[Route]:
     """Routes of the double; ``base_url()`` is the server's own URL (for LFS upload hrefs)."""
 
@@ -84,6 +189,13 @@ def build_routes(state: UploadState, base_url: callable) -> list[Route]:
         return JSONResponse({"type": "user", "name": who[0], "orgs": orgs, "auth": {"type": "access_token"}})
 
     async def validate_yaml(request: Request) -> Response:
+        state.log.append(("POST", "validate-yaml"))
+        body = await request.json()
+        errors = card_metadata_errors(body.get("content", ""))
+        if errors:  # the Hub answers 400 with the reasons as text; huggingface_hub raises ValueError(text)
+            return PlainTextResponse(
+                "Invalid metadata in README.md.\n" + "\n".join(f"- {e}" for e in errors), 400
+            )
         return JSONResponse({"errors": [], "warnings": []})
 
     async def create_repo(request: Request) -> Response:
