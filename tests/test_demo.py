@@ -31,6 +31,97 @@ def test_loose_check_accepts_what_strict_rejects():
     assert not instructions.check_loose("json", "{not json")
 
 
+# Responses that pass and fail each demo instruction under the one verifier (IFEval's meaning: IFEval's
+# checker where one exists, hf_residual.evaluation.verifiers for the rest).
+VERDICTS = {
+    "upper": (["ZORVAN LIVES IN AMSEL.", "AMSEL 1820"], ["Zorvan lives in Amsel.", "1820", "AMSEl"]),
+    "lower": (["zorvan lives in amsel.", "amsel 1820"], ["Zorvan lives in amsel.", "1820"]),
+    "brackets": (["[Amsel]", "  [Zorvan lives in Amsel.]\n"], ["[Amsel", "Amsel]", "[", "Sure:\n[Amsel]"]),
+    "quotes": (['"Amsel"', ' "Zorvan lives in Amsel." '], ['"Amsel', "'Amsel'", '"']),
+    "twice": (
+        ["Amsel. Amsel.", "Amsel is here.\nAmsel is here."],
+        ["Amsel.", "Amsel. Borda.", "Amsel.Amsel."],
+    ),
+    # IFEval's detectable_format:json_format: any JSON value, markdown fences stripped.
+    "json": (
+        ['{"answer": "Amsel"}', '```json\n{"answer": "Amsel"}\n```', "1820", "null", '"Amsel"', "[1, 2]"],
+        ["{answer: Amsel}", "Amsel", "{'answer': 'Amsel'}", 'Sure: {"answer": "Amsel"}'],
+    ),
+    "prefix": (["Answer: Amsel.", "answer: Amsel", ' "Answer: Amsel"'], ["Amsel. Answer:", "Answer Amsel"]),
+    # IFEval's number_bullet_lists with 1: exactly one line starting with "* " or "-".
+    "bullet": (["- Amsel", "* Amsel", "Sure:\n- Amsel"], ["Amsel", "- Amsel\n- Borda", "**Amsel**"]),
+    # IFEval's keywords:existence: case-insensitive search, also inside a longer word.
+    "keyword0": (["Indeed, Amsel.", "INDEED", "indeedy"], ["Amsel.", "in deed"]),
+    "keyword1": (["Clearly Amsel.", "amsel, CLEARLY", "unclearly"], ["Amsel.", "clear"]),
+    "keyword2": (["Surely Amsel.", "amsel surely", "unsurely"], ["Amsel. Sure.", "sure"]),
+    # IFEval's end_checker: case ignored, trailing spaces and double quotes stripped.
+    "end0": (["Amsel. Hope that helps.", "hope that helps."], ["Hope that helps. Amsel.", "Amsel."]),
+    "end1": (
+        ["Amsel. That is all.", "Amsel. that is all.  ", '"Amsel. That is all."'],
+        ["That is all. Amsel."],
+    ),
+    # IFEval's number_words: words are runs of \w, so "Zorvan's" is two.
+    "words1": (["Amsel", "Amsel.", "  Amsel!"], ["Amsel town", "Zorvan's", ""]),
+    "words2": (["Amsel town", "Zorvan's"], ["Amsel", "Amsel is here"]),
+    "words3": (["Amsel for sure", "Zorvan's town"], ["Amsel for", "It is in Amsel"]),
+}
+
+
+@pytest.mark.parametrize("fmt", instructions.FORMATS)
+def test_each_demo_instruction_passes_and_fails_by_ifevals_meaning(fmt):
+    good, bad = VERDICTS[fmt]
+    assert [r for r in good if not instructions.check(fmt, r)] == []
+    assert [r for r in bad if instructions.check(fmt, r)] == []
+
+
+def test_demo_drift_callback_and_offline_suite_judge_with_the_same_function(monkeypatch):
+    """One verifier: the demo, the CPT drift checks and the offline-if suite all call
+    hf_residual.evaluation.verifiers and give the same verdicts on the same responses."""
+    from hf_residual.cpt import checks as cpt_checks
+    from hf_residual.evaluation import verifiers
+    from hf_residual.evaluation.tasks import hooks
+
+    docs = {row["key"]: row for row in hooks.load_instructions()["test"]}
+    shared = {  # instruction id -> (demo format, drift check, offline-if prompt key)
+        "uppercase": ("upper", "upper", 0),
+        "json": ("json", "json", 10),
+        "wrap_in_brackets": ("brackets", "brackets", 6),
+    }
+    responses = [
+        "{}",
+        "1820",
+        "null",
+        "[Amsel]",
+        "AMSEL",
+        "Amsel",
+        "```json\n[1]\n```",
+        "[1, 2]",
+        "  ",
+        "{a}",
+    ]
+    calls: list[str] = []
+    for name, check in list(verifiers.CHECKS.items()):
+
+        def spy(response, _name=name, _check=check, **arguments):
+            calls.append(_name)
+            return _check(response, **arguments)
+
+        monkeypatch.setitem(verifiers.CHECKS, name, spy)
+    for rule, (fmt, drift, key) in shared.items():
+        expected = [verifiers.follows({"id": rule}, r) for r in responses]
+        assert json.loads(docs[key]["instructions"]) == [{"id": rule}]
+        calls.clear()
+        demo = [instructions.check(fmt, r) for r in responses]
+        assert calls and set(calls) == {rule}, f"the demo's {fmt} check does not use the verifier"
+        calls.clear()
+        cpt = [cpt_checks.CHECKS[drift].passes(r) for r in responses]
+        assert calls and set(calls) == {rule}, f"the drift check {drift} does not use the verifier"
+        calls.clear()
+        offline = [hooks.process_instructions(docs[key], [r])["prompt_level_strict_acc"] for r in responses]
+        assert calls and set(calls) == {rule}, f"offline-if prompt {key} does not use the verifier"
+        assert demo == cpt == offline == expected, rule
+
+
 def test_world_keeps_eval_combinations_and_b_entities_out_of_chat_data():
     w = world.build_world(seed=3, n_a=12, n_b=6, holdout=0.2, eval_per_set=20)
     trained = {(it.fact, it.fmt) for it in w.sft}

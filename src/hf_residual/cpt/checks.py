@@ -14,8 +14,9 @@ from hf_residual.evaluation import verifiers
 class Check:
     """One verifiable instruction: the text added to the prompt and the rules the reply must obey.
 
-    The rules are those of the ``offline-if`` evaluation suite (``hf_residual.evaluation.verifiers``), so
-    drift logged during training and the evaluation afterwards judge a reply the same way.
+    The rules are judged by ``hf_residual.evaluation.verifiers`` (IFEval's checkers where one applies),
+    the verifier of the ``offline-if`` suite and of the demo, so drift logged during training, the demo and
+    the evaluation afterwards judge a reply the same way.
     """
 
     name: str
@@ -23,7 +24,7 @@ class Check:
     rules: tuple[dict, ...]
 
     def passes(self, reply: str) -> bool:
-        return all(verifiers.follows(rule, reply) for rule in self.rules)
+        return bool(verifiers.score(list(self.rules), reply)["prompt_level_strict_acc"])
 
 
 CHECKS: dict[str, Check] = {
@@ -41,7 +42,7 @@ CHECKS: dict[str, Check] = {
             "keyword", "Use the word 'indeed' in your reply.", ({"id": "include_keyword", "word": "indeed"},)
         ),
         Check("brackets", "Wrap your whole answer in square brackets.", ({"id": "wrap_in_brackets"},)),
-        Check("json", "Reply with a JSON object only.", ({"id": "json"},)),
+        Check("json", "Reply in JSON format only.", ({"id": "json"},)),
         Check("prefix", "Start your reply with 'Answer:'.", ({"id": "start_with", "phrase": "Answer:"},)),
     ]
 }

@@ -14,7 +14,7 @@ from hf_residual.demo import instructions
 from hf_residual.demo.world import ChatItem, Fact
 
 # Part of the cached scores' key: bump when scoring changes.
-VERSION = "3"
+VERSION = "4"  # 4: one verifier (hf_residual.evaluation.verifiers, IFEval checkers)
 
 # Context before each knowledge probe, so the entity name is tokenized as it mostly is in training text.
 PROBE_CONTEXT = "The bridge stands by the hill."
@@ -64,12 +64,13 @@ def generate_replies(
 def instruction_following(model, tokenizer, items: list[ChatItem], max_new_tokens: int) -> IFScore:
     """Share of prompts whose reply follows the format instruction.
 
-    Strict: the reply ends its turn (a reply cut off at the token limit rambled on) and passes the
-    format's check as written. Loose: the check passes on a cleaned variant of the text, ended or not.
+    Strict: the reply ends its turn (a reply cut off at the token limit rambled on) and follows the
+    format's rules as written (IFEval strict). Loose: IFEval loose on the text, ended or not.
     """
     replies = generate_replies(model, tokenizer, items, max_new_tokens)
-    strict = [done and instructions.check(it.fmt, r) for it, (r, done) in zip(items, replies, strict=True)]
-    loose = [instructions.check_loose(it.fmt, r) for it, (r, _) in zip(items, replies, strict=True)]
+    verdicts = [instructions.verdict(it.fmt, r) for it, (r, _) in zip(items, replies, strict=True)]
+    strict = [done and v["prompt_level_strict_acc"] for v, (_, done) in zip(verdicts, replies, strict=True)]
+    loose = [v["prompt_level_loose_acc"] for v in verdicts]
     samples = [
         {"prompt": it.messages()[0]["content"], "reply": r, "ended": done, "format": it.fmt, "strict": s}
         for it, (r, done), s in zip(items, replies, strict, strict=True)

@@ -1,14 +1,16 @@
 """Format instructions whose compliance code can verify (IFEval-style), strict and loose.
 
 Each format has a few instruction wordings (``variant``), a canonical response built from the plain
-answer sentence, and a checker. Checks look at the form only, not at whether the fact is right:
-knowledge is measured separately.
+answer sentence, and rules judged by ``hf_residual.evaluation.verifiers``, the verifier of the offline-if
+suite and of the CPT drift callback (IFEval's checkers where one applies). Checks look at the form only,
+not at whether the fact is right: knowledge is measured separately.
 """
 
 from __future__ import annotations
 
 import json
-import re
+
+from hf_residual.evaluation import verifiers
 
 KEYWORDS = ["indeed", "clearly", "surely"]
 END_PHRASES = ["Hope that helps.", "That is all."]
@@ -20,7 +22,7 @@ _INSTRUCTIONS = {
     "brackets": ["Wrap your answer in square brackets.", "Put your whole answer inside [ and ]."],
     "quotes": ["Wrap your answer in double quotes.", "Put your whole answer in quotation marks."],
     "twice": ["Say your answer twice.", "Repeat your answer two times."],
-    "json": ["Reply in JSON.", "Give the answer as a JSON object."],
+    "json": ["Reply in JSON.", "Give the answer in JSON format."],
     "prefix": ["Start your reply with 'Answer:'.", "Begin with the word 'Answer:'."],
     "bullet": ["Answer as a bullet point.", "Reply as a list item starting with a dash."],
     **{f"keyword{i}": [f"Use the word '{k}' in your reply."] for i, k in enumerate(KEYWORDS)},
@@ -68,54 +70,32 @@ def response(fmt: str, variant: int, sentence: str, value: str) -> str:
     raise KeyError(fmt)
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[A-Za-z0-9']+", text)
+RULES: dict[str, tuple[dict, ...]] = {
+    "upper": ({"id": "uppercase"},),
+    "lower": ({"id": "lowercase"},),
+    "brackets": ({"id": "wrap_in_brackets"},),
+    "quotes": ({"id": "wrap_in_quotes"},),
+    "twice": ({"id": "repeat_twice"},),
+    "json": ({"id": "json"},),
+    "prefix": ({"id": "start_with", "phrase": "Answer:"},),
+    "bullet": ({"id": "bullet_points", "n": 1},),
+    **{f"keyword{i}": ({"id": "include_keyword", "word": k},) for i, k in enumerate(KEYWORDS)},
+    **{f"end{i}": ({"id": "end_with", "phrase": p},) for i, p in enumerate(END_PHRASES)},
+    **{f"words{n}": ({"id": "min_words", "n": n}, {"id": "max_words", "n": n}) for n in WORD_COUNTS},
+}
+"""Each format's instructions for ``hf_residual.evaluation.verifiers`` (the offline-if suite's verifier)."""
+
+
+def verdict(fmt: str, text: str) -> dict[str, object]:
+    """IFEval's four results for ``text`` under ``fmt``'s rules (``verifiers.score``)."""
+    return verifiers.score(list(RULES[fmt]), text)
 
 
 def check(fmt: str, text: str) -> bool:
-    """Strict: does ``text`` follow the format instruction exactly as written?"""
-    if not text.strip():
-        return False
-    has_letters = bool(re.search(r"[A-Za-z]", text))
-    if fmt == "upper":
-        return has_letters and text == text.upper()
-    if fmt == "lower":
-        return has_letters and text == text.lower()
-    if fmt == "brackets":
-        return text.startswith("[") and text.endswith("]") and len(text) > 2
-    if fmt == "quotes":
-        return text.startswith('"') and text.endswith('"') and len(text) > 2
-    if fmt == "twice":
-        half, rest = len(text) // 2, len(text) % 2
-        return rest == 1 and text[half] == " " and text[:half] == text[half + 1 :] and half > 0
-    if fmt == "json":
-        try:
-            return isinstance(json.loads(text), dict)
-        except ValueError:
-            return False
-    if fmt == "prefix":
-        return text.startswith("Answer:") and len(text) > len("Answer:")
-    if fmt == "bullet":
-        return text.startswith("- ") and "\n" not in text and len(text) > 2
-    if fmt.startswith("keyword"):
-        return KEYWORDS[int(fmt[7:])] in [w.lower() for w in _words(text)]
-    if fmt.startswith("end"):
-        return text.endswith(END_PHRASES[int(fmt[3:])]) and len(text) > len(END_PHRASES[int(fmt[3:])])
-    if fmt.startswith("words"):
-        return len(_words(text)) == int(fmt[5:])
-    raise KeyError(fmt)
+    """Strict: does ``text`` follow the format instruction as written (every rule, IFEval strict)?"""
+    return bool(verdict(fmt, text)["prompt_level_strict_acc"])
 
 
 def check_loose(fmt: str, text: str) -> bool:
-    """Loose (as IFEval): strict on any of a few cleaned variants of ``text``."""
-    stripped = text.strip()
-    lines = stripped.splitlines()
-    candidates = {
-        stripped,
-        stripped.replace("*", ""),
-        "\n".join(lines[1:]).strip(),
-        "\n".join(lines[:-1]).strip(),
-    }
-    if fmt.startswith("twice"):
-        candidates.add(" ".join(stripped.split()))
-    return any(check(fmt, c) for c in candidates if c)
+    """Loose (IFEval): every rule holds on some cleaned variant of ``text`` (no ``*``, no first/last line)."""
+    return bool(verdict(fmt, text)["prompt_level_loose_acc"])
