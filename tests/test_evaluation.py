@@ -244,6 +244,7 @@ def test_compare_cli_and_bad_input(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "missing"), "-o", str(tmp_path / "r2")]) == 2
     assert "no such results folder" in capsys.readouterr().err and not (tmp_path / "r2").exists()
     assert main(["compare", str(results), "-o", str(tmp_path / "r3"), "--reference", "X"]) == 2
+    assert "--reference 'X': not a model of the table (L3b, L3i, L3b+3.1Lr)" in capsys.readouterr().err
     assert not (tmp_path / "r3").exists()
 
 
@@ -276,6 +277,7 @@ Hand-written text that must survive.
 
 
 def test_card_merges_results_keeps_the_rest_and_rerun_replaces_its_section(tmp_path):
+    from hubserver.uploads import card_metadata_errors
     from huggingface_hub import ModelCard
     from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -299,8 +301,10 @@ def test_card_merges_results_keeps_the_rest_and_rerun_replaces_its_section(tmp_p
         {"num_few_shot": 0},
     )
     name, parsed = model_index_to_eval_results(loaded.data.to_dict()["model-index"])
-    assert name == str(model.name) or name
-    assert len(parsed) == 16
+    assert name == "L3b+3.1Lr"  # the model's label: its ref is a local folder, not a repo id
+    assert sorted(e.metric_value for e in parsed) == sorted(PAPER_TABLE_3["L3b+3.1Lr"])  # its own column
+    # what the Hub's validate-yaml route checks (tests/hubserver/uploads.py)
+    assert card_metadata_errors((model / "README.md").read_text()) == []
     extra = yaml.safe_load((model / ".eval_results" / "hf-residual.yaml").read_text())
     assert {e["dataset"]["id"] for e in extra} == {"google/IFEval", "openai/gsm8k", "allenai/ai2_arc"}
 
