@@ -82,6 +82,10 @@ def eval_results(records: list[dict], model_name: str):
         spec = record["task"]
         dataset = _dataset_path(record) or LOCAL_DATASET.format(task=spec["task"])
         n_shots = record["settings"]["num_fewshot"]
+        limit = record["settings"].get("limit")
+        args = {"num_few_shot": n_shots} if n_shots is not None else {}
+        if limit is not None:  # a subset of the task's examples: said in the entry itself
+            args["limit"] = limit
         for key, label in _metrics(record).items():
             value = metric_value(record["lm_eval"], spec["task"], key)
             if value is None:
@@ -93,7 +97,7 @@ def eval_results(records: list[dict], model_name: str):
                     task_name="Text Generation",
                     dataset_type=dataset,
                     dataset_name=spec["label"],
-                    dataset_args={"num_few_shot": n_shots} if n_shots is not None else None,
+                    dataset_args=args or None,
                     metric_type=metric if filtered in ("", "none") else f"{metric}_{filtered}",
                     metric_name=label,
                     metric_value=round(100 * value, 2),
@@ -104,9 +108,19 @@ def eval_results(records: list[dict], model_name: str):
     return found
 
 
+SAME_MEASURE = ("task_type", "dataset_type", "dataset_name", "dataset_config", "dataset_split", "metric_type")
+
+
 def merge_results(existing: list | None, new: list) -> list:
-    """Existing entries not replaced by a new one for the same dataset and metric, then the new ones."""
-    kept = [old for old in existing or [] if not any(old.is_equal_except_value(n) for n in new)]
+    """Existing entries not replaced by a new one for the same dataset and metric (whatever its settings:
+    a full run replaces a ``--limit`` one), then the new ones."""
+
+    def same(a, b) -> bool:
+        return all(getattr(a, f) == getattr(b, f) for f in SAME_MEASURE) and (
+            a.metric_name or a.metric_type
+        ) == (b.metric_name or b.metric_type)
+
+    kept = [old for old in existing or [] if not any(same(old, n) for n in new)]
     return kept + new
 
 
@@ -123,6 +137,8 @@ def eval_results_yaml(records: list[dict]) -> str | None:
             continue
         key, label = next(iter(metrics.items()))
         value = metric_value(record["lm_eval"], spec["task"], key)
+        limit = record["settings"].get("limit")
+        limited = f", limited to {limit} examples (--limit), not comparable to full runs" if limit else ""
         if value is not None:
             entries.append(
                 EvalResultEntry(
@@ -131,7 +147,8 @@ def eval_results_yaml(records: list[dict]) -> str | None:
                     value=round(100 * value, 2),
                     source_url=SOURCE_URL,
                     source_name=SOURCE_NAME,
-                    notes=f"{label}, {shots(record['settings']['num_fewshot'])}, lm-eval {record['settings']['lm_eval_version']}",
+                    notes=f"{label}, {shots(record['settings']['num_fewshot'])}, "
+                    f"lm-eval {record['settings']['lm_eval_version']}{limited}",
                 )
             )
     return yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False) if entries else None
@@ -146,7 +163,6 @@ def section(records: list[dict], table_md: str, card_data: dict, skill_tasks: li
     """The body section between the markers; True when it says the model's own skill was not measured."""
     settings = records[0]["settings"]
     tasks = ", ".join(f"{r['task']['task']} ({shots(r['settings']['num_fewshot'])})" for r in records)
-    limit = settings["limit"]
     lines = [
         START,
         "## Evaluation",
@@ -154,8 +170,9 @@ def section(records: list[dict], table_md: str, card_data: dict, skill_tasks: li
         f"Measured with [lm-evaluation-harness]({SOURCE_URL}) {settings['lm_eval_version']} by `hf-residual eval` "
         f"(model sha `{records[0]['model']['sha'][:12]}`; tasks: {tasks}; "
         f"chat template {'applied' if settings['apply_chat_template'] else 'not applied'}"
-        + (f"; **limited to {limit} examples per task**, not comparable to full runs" if limit else "")
+        + _limited(records)
         + "). Scores in %, best of each row in **bold**.",
+        *_punkt_lines(records),
         "",
         table_md.rstrip(),
         "",
@@ -176,6 +193,35 @@ def section(records: list[dict], table_md: str, card_data: dict, skill_tasks: li
         lines += [f"The model's own skill was measured by: {', '.join(measured_skill)}.", ""]
     lines.append(END)
     return "\n".join(lines), not_measured
+
+
+def _limited(records: list[dict]) -> str:
+    """The clause saying which results were computed with ``--limit`` ("" when none was)."""
+    limited = [r for r in records if r["settings"].get("limit") is not None]
+    if not limited:
+        return ""
+    limits = " or ".join(str(n) for n in sorted({r["settings"]["limit"] for r in limited}))
+    which = "" if len(limited) == len(records) else f" ({', '.join(r['task']['task'] for r in limited)})"
+    return f"; **limited to {limits} examples per task**{which}, not comparable to full runs"
+
+
+def _punkt_lines(records: list[dict]) -> list[str]:
+    """Which punkt split sentences for the IFEval scorer, per task that used one."""
+    from hf_residual.evaluation.punkt import describe
+
+    used: dict[str, list[str]] = {}
+    for record in records:
+        if record["settings"].get("punkt"):
+            used.setdefault(record["settings"]["punkt"], []).append(record["task"]["task"])
+    if not used:
+        return []
+    return [
+        "",
+        *(
+            f"IFEval's scorer split sentences with {describe(p)} (tasks: {', '.join(t)})."
+            for p, t in used.items()
+        ),
+    ]
 
 
 def replace_section(body: str, new: str) -> str:

@@ -12,12 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_residual.errors import ConfigError, ResidualError
+from hf_residual.errors import ConfigError, InputNotFoundError, ResidualError
 from hf_residual.evaluation.store import ModelRef, ResultsStore, result_key
 from hf_residual.evaluation.suites import Suite, TaskSpec, shots
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 HASHED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+PUNKT_TASKS = ("hfr_if_offline",)
 
 
 class EvalDataUnavailableError(ResidualError, ConnectionError):
@@ -132,9 +133,12 @@ def evaluate(
     manager=None,
     log: Callable[[str], None] = lambda _: None,
 ) -> EvalRun:
-    """Evaluate every model on every task of ``suite``; results already in ``results_dir`` are reused."""
-    from hf_residual.sources import resolve
+    """Evaluate every model on every task of ``suite``; results already in ``results_dir`` are reused.
 
+    Every model is resolved and checked (a model folder: config.json and valid safetensors weights) before
+    the first one runs; a model is added to the folder with its first result, so a run that fails before
+    any result leaves ``results_dir`` as it was.
+    """
     if not models:
         raise ConfigError("give at least one model to evaluate (a local folder or a Hub repo id)")
     if chat_template not in ("auto", "yes", "no"):
@@ -144,8 +148,8 @@ def evaluate(
     manager = manager or task_manager(include_defaults=suite.needs_hub)
     check_tasks(suite, manager)
     run = EvalRun(Path(results_dir))
-    for ref in models:
-        resolved = resolve(ref, role="model", token=token)
+    resolved_models = [(ref, _resolve_model(ref, token)) for ref in models]  # all checked before any runs
+    for ref, resolved in resolved_models:
         identity = resolved.identity
         sha = identity.revision if identity.repo_id else folder_sha(resolved.path)
         model = store.register(str(ref), sha, identity.repo_id, identity.name)
@@ -179,10 +183,31 @@ def evaluate(
     return run
 
 
+def _resolve_model(ref: str, token: str | None):
+    """``ref`` on local disk, refused unless it is a transformers model with valid safetensors weights."""
+    from hf_residual.checkpoint import open_checkpoint
+    from hf_residual.sources import resolve
+
+    resolved = resolve(ref, role="model", token=token)
+    open_checkpoint(resolved.path)  # a folder with weights, every header valid; pickle-only folders refused
+    if not (resolved.path / "config.json").is_file():
+        raise InputNotFoundError(
+            f"model {ref!r}: {resolved.path} has no config.json; is this a model folder? `hf-residual eval` "
+            "needs a transformers model (config.json, tokenizer, *.safetensors weights)"
+        )
+    return resolved
+
+
+def uses_punkt(spec: TaskSpec) -> bool:
+    """Tasks whose scorer splits sentences with nltk's punkt: lm-eval's IFEval and our offline IF task
+    (scored by IFEval's checkers, hf_residual.evaluation.verifiers)."""
+    return "ifeval" in spec.task or spec.task in PUNKT_TASKS
+
+
 def _settings(spec: TaskSpec, limit: int | None, chat: bool, backend: str, gen_kwargs: str | None) -> dict:
     from importlib.metadata import version
 
-    return {
+    settings = {
         "task": spec.task,
         "num_fewshot": spec.num_fewshot,
         "limit": limit,
@@ -191,6 +216,11 @@ def _settings(spec: TaskSpec, limit: int | None, chat: bool, backend: str, gen_k
         "gen_kwargs": gen_kwargs or None,
         "lm_eval_version": version("lm_eval"),
     }
+    if uses_punkt(spec):  # only there, so that other tasks keep the keys they had
+        from hf_residual.evaluation.punkt import punkt_identity
+
+        settings["punkt"] = punkt_identity()
+    return settings
 
 
 def _load_model(path: Path, backend: str, batch_size, device: str | None):
@@ -217,7 +247,7 @@ def _run_task(lm, spec: TaskSpec, limit: int | None, chat: bool, gen_kwargs: str
 
     from hf_residual.evaluation.punkt import use_offline_punkt
 
-    if spec.task == "ifeval" or "ifeval" in spec.task:
+    if uses_punkt(spec):
         use_offline_punkt()
     try:
         results = lm_eval.simple_evaluate(

@@ -6,8 +6,10 @@ Layout of a results folder::
     <label>/<task>-<key>.json        one finished run: model, task spec, settings, lm-eval's results
 
 ``key`` hashes the model sha with everything that changes the numbers (task, shots, limit, chat template,
-lm-eval version), so a re-run finds finished work and a changed setting runs again. Files are written to
-a temporary name and renamed, so an interrupted run never leaves a result that looks finished.
+lm-eval version, and for IFEval the punkt its scorer splits sentences with), so a re-run finds finished
+work and a changed setting runs again. Files are written to a temporary name and renamed, so an
+interrupted run never leaves a result that looks finished. A model enters ``models.json`` with its first
+saved result: a run that fails before any result leaves the folder as it was.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class ResultsStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._pending: list[ModelRef] = []  # registered, not yet written: no result saved for them yet
 
     def models(self) -> list[ModelRef]:
         path = self.root / MODELS
@@ -66,8 +69,9 @@ class ResultsStore:
         return [ModelRef(**m) for m in json.loads(path.read_text(encoding="utf-8"))]
 
     def register(self, ref: str, sha: str, repo_id: str | None, name: str) -> ModelRef:
-        """The model's entry (added on first sight; labels are unique within the folder)."""
-        known = self.models()
+        """The model's entry (labels are unique within the folder). A new model is written to models.json
+        by ``save``, with its first result, so registering alone writes nothing."""
+        known = [*self.models(), *self._pending]
         for model in known:
             if model.sha == sha and model.ref == ref:
                 return model
@@ -76,8 +80,20 @@ class ResultsStore:
         while label in labels or _slug(label) in {_slug(x) for x in labels}:
             label, n = f"{name}-{n}", n + 1
         model = ModelRef(label, ref, sha, repo_id)
-        _write_json(self.root / MODELS, [m.__dict__ for m in [*known, model]])
+        self._pending.append(model)
         return model
+
+    def _commit_model(self, model: ModelRef) -> None:
+        known = self.models()
+        if model in known:
+            return
+        if model.label in {m.label for m in known}:  # another run took the label meanwhile
+            raise ConfigError(
+                f"{self.root / MODELS}: label {model.label!r} was taken by another run writing to the same "
+                "folder; run again"
+            )
+        _write_json(self.root / MODELS, [m.__dict__ for m in [*known, model]])
+        self._pending = [m for m in self._pending if m != model]
 
     def path(self, model: ModelRef, task: str, key: str) -> Path:
         return self.root / _slug(model.label) / f"{_slug(task)}-{key}.json"
@@ -87,6 +103,7 @@ class ResultsStore:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     def save(self, model: ModelRef, task: str, key: str, record: dict) -> Path:
+        self._commit_model(model)
         path = self.path(model, task, key)
         _write_json(path, {"format": FORMAT, "format_version": FORMAT_VERSION, "key": key, **record})
         return path

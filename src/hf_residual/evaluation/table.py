@@ -2,7 +2,8 @@
 
 Rows are benchmark/metric pairs grouped by category (instruction following, reasoning, truthfulness), with
 a sub-average per category and an overall average over every row, as in the paper; columns are models.
-Values are percentages (lm-eval reports fractions).
+Values are percentages (lm-eval reports fractions). A value computed with ``--limit`` (a subset of a task's
+examples), and every average it enters, is marked ``†`` and the table ends with a note saying so.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from hf_residual.evaluation.store import ResultsStore
 from hf_residual.evaluation.suites import CATEGORIES, OTHER
 
 SKIP_KEYS = {"name", "alias", "sample_len", " "}
+LIMITED = "†"
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,13 @@ class Row:
 
 @dataclass
 class Table:
-    """Values in percent: ``values[(row.task, row.key)][model]``; models in column order."""
+    """Values in percent: ``values[(row.task, row.key)][model]``; models in column order; ``limits`` the
+    ``--limit`` of the values computed with one (same keys)."""
 
     models: list[str]
     rows: list[Row]
     values: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    limits: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
     shas: dict[str, str] = field(default_factory=dict)
     repo_ids: dict[str, str | None] = field(default_factory=dict)
 
@@ -49,6 +53,21 @@ class Table:
             v for r in self.rows if category in (None, r.category) and (v := self.value(r, model)) is not None
         ]
         return sum(found) / len(found) if found else None
+
+    def limit(self, row: Row, model: str) -> int | None:
+        """The ``--limit`` the value was computed with; None for a full run (or no value)."""
+        return self.limits.get((row.task, row.key), {}).get(model)
+
+    def limited(self, model: str, category: str | None = None) -> bool:
+        """Whether any value of the model in a category (all rows for ``None``) comes from a limited run."""
+        return any(
+            self.limit(r, model) is not None and self.value(r, model) is not None
+            for r in self.rows
+            if category in (None, r.category)
+        )
+
+    def limit_values(self) -> list[int]:
+        return sorted({n for by_model in self.limits.values() for n in by_model.values()})
 
 
 def metric_value(lm_eval: dict, task: str, key: str) -> float | None:
@@ -92,6 +111,9 @@ def build_table(results_dirs: list[str | Path]) -> Table:
                 value = metric_value(record["lm_eval"], spec["task"], key)
                 if value is not None:
                     table.values.setdefault((row.task, row.key), {})[label] = 100 * value
+                    limit = (record.get("settings") or {}).get("limit")
+                    if limit is not None:
+                        table.limits.setdefault((row.task, row.key), {})[label] = limit
     if not table.models:
         raise ConfigError(
             f"no evaluation results in {', '.join(map(str, results_dirs))}; run `hf-residual eval` first"
@@ -101,16 +123,29 @@ def build_table(results_dirs: list[str | Path]) -> Table:
     return table
 
 
-def _cells(values: list[float | None]) -> list[str]:
-    """Formatted values, the best of the row in bold when there is more than one model."""
+def _cells(values: list[float | None], limited: list[bool] | None = None) -> list[str]:
+    """Formatted values, the best of the row in bold when there is more than one model; ``†`` after a
+    value from a limited run."""
     present = [v for v in values if v is not None]
     best = max(present) if len(present) > 1 and len({round(v, 2) for v in present}) > 1 else None
+    marks = [LIMITED if mark else "" for mark in limited or [False] * len(values)]
     return [
         "n/a"
         if v is None
-        else (f"**{v:.2f}**" if best is not None and round(v, 2) == round(best, 2) else f"{v:.2f}")
-        for v in values
+        else (f"**{v:.2f}**" if best is not None and round(v, 2) == round(best, 2) else f"{v:.2f}") + mark
+        for v, mark in zip(values, marks, strict=True)
     ]
+
+
+def limit_note(table: Table) -> str:
+    """The note under a table with limited values ("" when every value comes from a full run)."""
+    limits = table.limit_values()
+    if not limits:
+        return ""
+    return (
+        f"{LIMITED} limited run: --limit {', '.join(map(str, limits))} "
+        f"({' or '.join(map(str, limits))} examples per task); not comparable to full runs."
+    )
 
 
 def to_markdown(table: Table) -> str:
@@ -119,13 +154,20 @@ def to_markdown(table: Table) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * len(table.models)]
     for category in table.categories():
         for row in (r for r in table.rows if r.category == category):
-            cells = _cells([table.value(row, m) for m in table.models])
+            cells = _cells(
+                [table.value(row, m) for m in table.models],
+                [table.limit(row, m) is not None for m in table.models],
+            )
             lines.append(f"| {row.benchmark} | {row.metric} | " + " | ".join(cells) + " |")
-        averages = _cells([table.average(m, category) for m in table.models])
+        averages = _cells(
+            [table.average(m, category) for m in table.models],
+            [table.limited(m, category) for m in table.models],
+        )
         lines.append(f"| *{category.capitalize()}* | *sub-average* | " + " | ".join(averages) + " |")
-    overall = _cells([table.average(m) for m in table.models])
+    overall = _cells([table.average(m) for m in table.models], [table.limited(m) for m in table.models])
     lines.append("| **Overall** | **average** | " + " | ".join(overall) + " |")
-    return "\n".join(lines) + "\n"
+    note = limit_note(table)
+    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
 
 
 def deltas(table: Table, reference: str | None = None, top: int = 3) -> str:
@@ -149,7 +191,10 @@ def deltas(table: Table, reference: str | None = None, top: int = 3) -> str:
         ]
         changes.sort(key=lambda c: -abs(c[0]))
         largest = ", ".join(f"{row.benchmark} {row.metric} {d:+.1f}" for d, row in changes[:top])
+        limited = table.limited(model) or table.limited(reference)
         lines.append(
-            f"{model} vs {reference}: {', '.join(parts)}" + (f"; largest: {largest}" if largest else "")
+            f"{model} vs {reference}: {', '.join(parts)}"
+            + (f"; largest: {largest}" if largest else "")
+            + (f" ({LIMITED} from limited runs: not comparable)" if limited else "")
         )
     return "\n".join(lines) + ("\n" if lines else "")
