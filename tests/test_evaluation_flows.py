@@ -118,13 +118,27 @@ def test_hub_model_evaluated_at_its_sha_and_card_pushed(hub, llama, tmp_path, mo
         ("hfr_mc_offline", "acc"),
         ("hfr_mc_offline", "acc_norm"),
     ]
-    loaded.validate()  # the Hub's YAML validation route
+    record = json.loads(next((results / models[0]["label"]).glob("*.json")).read_text())
+    scores = record["lm_eval"]["results"]["hfr_mc_offline"]
+    assert [e.metric_value for e in loaded.data.eval_results] == [
+        round(100 * scores["acc,none"], 2),
+        round(100 * scores["acc_norm,none"], 2),
+    ]
+    # The Hub's YAML validation route (the double checks a subset of its rules and refuses invalid cards:
+    # tests/test_hub_publish.py::test_the_hub_double_rejects_invalid_card_metadata).
+    loaded.validate()
 
     # --create-pr: a pull request, main untouched
     write_paper_results(tmp_path / "paper", refs={"L3i": repo})
     assert main(["card", repo, "--results", str(tmp_path / "paper"), "--create-pr"]) == 0
     assert "pull request:" in capsys.readouterr().out
     assert hub.commit_count(repo) == commits + 1
+    from hubserver.gitrepos import git
+
+    proposed = git(hub.repo_path(repo), "show", "refs/pr/1:README.md")
+    assert (
+        "53.36" in proposed and "53.36" not in ModelCard.load(repo).text
+    )  # L3i's IFEval ILL, in the PR only
     assert ".eval_results/hf-residual.yaml" not in HfApi().list_repo_files(repo)
 
 
