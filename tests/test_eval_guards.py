@@ -61,6 +61,19 @@ def test_a_failed_eval_leaves_an_existing_results_folder_as_it_was(tmp_path, cap
     assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == before
 
 
+def test_a_model_lm_eval_cannot_load_leaves_no_results_folder(tmp_path, capsys, llama, monkeypatch):
+    """config.json and weights are there, but transformers does not know the architecture."""
+    monkeypatch.setattr(runner, "task_manager", lambda *a, **k: SimpleNamespace(all_tasks={"hfr_mc_offline"}))
+    model = tmp_path / "odd-model"
+    shutil.copytree(llama.instruct, model)
+    (model / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    results = tmp_path / "results"
+    argv = ["eval", str(model), "--tasks", "hfr_mc_offline", "--device", "cpu", "--batch-size", "1"]
+    assert main([*argv, "-o", str(results)]) == 2
+    assert "could not load" in capsys.readouterr().err
+    assert not results.exists()
+
+
 # ------------------------------------------------------------------------------ --limit is marked everywhere
 
 

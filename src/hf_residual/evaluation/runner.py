@@ -236,7 +236,7 @@ def _load_model(path: Path, backend: str, batch_size, device: str | None):
     try:
         cls = get_model(backend)
         return cls.create_from_arg_obj({"pretrained": str(path), "dtype": "auto"}, extra)
-    except (ImportError, KeyError, ValueError) as error:  # a backend whose package is missing, a bad model
+    except (ImportError, KeyError, ValueError, OSError) as error:  # a backend's package missing, a bad model
         raise EvalBackendError(f"lm-eval backend {backend!r} could not load {path} ({error})") from None
 
 
