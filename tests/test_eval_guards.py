@@ -121,6 +121,8 @@ def test_compare_report_marks_limited_results(tmp_path):
 
 
 def test_card_of_limited_results_says_so_even_when_its_first_task_was_full(tmp_path):
+    from huggingface_hub import ModelCard
+
     model = tmp_path / "L3i"
     model.mkdir()
     results = limited_results(tmp_path, refs={"L3i": str(model)})
@@ -133,6 +135,15 @@ def test_card_of_limited_results_says_so_even_when_its_first_task_was_full(tmp_p
     assert all("limit" not in (e.dataset_args or {}) for e in full)
     extra = (tmp_path / "card" / ".eval_results" / "hf-residual.yaml").read_text()
     assert "limited to 10 examples" in extra
+
+    # full runs afterwards: their entries replace the limited ones, and the card no longer says "limited"
+    (model / "README.md").write_text((tmp_path / "card" / "README.md").read_text())
+    full = write_paper_results(tmp_path / "full", refs={"L3i": str(model)})
+    card.write_card(str(model), [full])
+    loaded = ModelCard.load(model / "README.md")
+    assert len(loaded.data.eval_results) == 16
+    assert all("limit" not in (e.dataset_args or {}) for e in loaded.data.eval_results)
+    assert "limited to" not in loaded.text and "†" not in loaded.text
 
 
 # -------------------------------------------------------------------------------- punkt is part of the key
