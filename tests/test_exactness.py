@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numba  # noqa: F401  (a dependency: a broken install must fail here, not skip)
 import numpy as np
 import pytest
 import torch
@@ -17,14 +18,28 @@ DTYPES = ["bfloat16", "float16", "float32"]
 
 @pytest.fixture(params=["fused", "numpy"])
 def kernel_path(request, monkeypatch):
-    """Both engine paths (numba-fused and plain numpy) must give the same, exact bits."""
-    from hf_residual import fused
+    """Both engine paths (numba-fused and plain numpy) must give the same, exact bits.
 
+    numba is a dependency: the fused kernels must be there. A spy on the engine's kernel choice checks
+    that the path named is the path taken (the fused parameter would prove nothing on the numpy path).
+    """
+    from hf_residual import engine, fused
+
+    assert fused.AVAILABLE, "numba is a dependency of hf-residual: hf_residual.fused failed to import it"
+    chosen = []
+    choose = engine._fused_kernel
+
+    def spy(*args, **kwargs):
+        kernel = choose(*args, **kwargs)
+        chosen.append(kernel)
+        return kernel
+
+    monkeypatch.setattr(engine, "_fused_kernel", spy)
     if request.param == "numpy":
         monkeypatch.setattr(fused, "AVAILABLE", False)
-    elif not fused.AVAILABLE:
-        pytest.skip("numba is not installed")
-    return request.param
+    yield request.param
+    used = [kernel for kernel in chosen if kernel is not None]
+    assert bool(used) == (request.param == "fused"), f"{request.param} path asked, fused kernels used: {used}"
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
