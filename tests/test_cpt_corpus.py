@@ -10,17 +10,15 @@ import json
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
+import fundus  # noqa: F401  (the [cpt] extra: a broken install must fail here, not skip)
 import pytest
+from datasets import load_from_disk
 
-pytest.importorskip("fundus")
-
-from datasets import load_from_disk  # noqa: E402
-
-from hf_residual.cli import main  # noqa: E402
-from hf_residual.cpt.corpus import collect  # noqa: E402
-from hf_residual.cpt.data import load_corpus  # noqa: E402
-from hf_residual.cpt.filters import normalise_url, text_hash  # noqa: E402
-from hf_residual.errors import ConfigError  # noqa: E402
+from hf_residual.cli import main
+from hf_residual.cpt.corpus import collect
+from hf_residual.cpt.data import load_corpus
+from hf_residual.cpt.filters import normalise_url, text_hash
+from hf_residual.errors import ConfigError
 
 SITE = "https://www.washingtontimes.com/news/2024/"
 BRIDGE = (

@@ -5,20 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
+import trl  # noqa: F401  (the [cpt] extra: a broken install must fail here, not skip)
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("trl")
-
-from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from hf_residual.cpt.packing import (  # noqa: E402
-    pack_documents,
-    packing_collator,
-    prepare_model,
-    tokenize_documents,
-)
-from hf_residual.errors import ConfigError  # noqa: E402
+from hf_residual.cpt.packing import pack_documents, packing_collator, prepare_model, tokenize_documents
+from hf_residual.errors import ConfigError
 
 WORDS = [
     "the",

@@ -5,22 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+import trl  # noqa: F401  (the [cpt] extra: a broken install must fail here, not skip)
+import yaml
+from datasets import Dataset
+from helpers import bits, load_tensors, reference_port
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("trl")
-
-import yaml  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from helpers import load_tensors  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from hf_residual import api  # noqa: E402
-from hf_residual.cli import main  # noqa: E402
-from hf_residual.cpt.callbacks import InstructionDriftCallback  # noqa: E402
-from hf_residual.cpt.config import config_from_dict  # noqa: E402
-from hf_residual.cpt.train import run_cpt  # noqa: E402
-from hf_residual.errors import ConfigError  # noqa: E402
+from hf_residual import api
+from hf_residual.cli import main
+from hf_residual.cpt.callbacks import InstructionDriftCallback
+from hf_residual.cpt.config import config_from_dict
+from hf_residual.cpt.train import run_cpt
+from hf_residual.errors import ConfigError
 
 NEWS = [
     "The council of Quellport voted on Monday to build a new bridge over the river Amsel.",
@@ -88,9 +86,13 @@ def test_training_lowers_loss_and_callbacks_port_and_log(setup, tmp_path):
     checkpoint = load_file(tmp_path / "run" / "checkpoint-4" / "model.safetensors")
     ported_weights = load_tensors(ported)
     instruct, base = load_tensors(family.instruct), load_tensors(family.base)
-    name = "model.layers.0.mlp.down_proj.weight"
-    expected = checkpoint[name] + (instruct[name] - base[name])
-    assert torch.allclose(ported_weights[name], expected, atol=1e-6)
+    # Every tensor is checkpoint + (I - B) in float32, bit for bit (the float32 residual is exact here).
+    assert ported_weights.keys() == checkpoint.keys()
+    for name, trained in checkpoint.items():
+        expected = reference_port(trained, instruct[name], base[name], 1.0)
+        assert torch.equal(bits(ported_weights[name]), bits(expected)), name
+    # the checkpoint was trained, so matching it shows the port used the checkpoint, not the starting model
+    assert not torch.equal(checkpoint["model.norm.weight"], load_tensors(family.cpt)["model.norm.weight"])
     assert json.loads((ported / "config.json").read_text())["model_type"] == "llama"
 
     drift = [e for e in result.log_history if "drift/raw/all" in e]
