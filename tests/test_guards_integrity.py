@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 import uuid
 from pathlib import Path
 
@@ -102,11 +103,13 @@ def test_apply_refuses_residual_with_altered_data(residuals, llama, tmp_path, mo
     damaged = _copy(residuals[codec], tmp_path / "residual")
     _flip(damaged, DOWN, element=37)
     out = tmp_path / "out"
+    fds, threads = _open_fds(), threading.active_count()
     with pytest.raises(VerificationError) as info:
         api.apply(damaged, llama.cpt, out, progress=False)
     message = str(info.value)
     assert DOWN in message and "damaged" in message and "re-download" in message
     assert _nothing_written(out)
+    assert (_open_fds(), threading.active_count()) == (fds, threads)  # writer and hasher threads ended
 
 
 @pytest.mark.parametrize("part", ["base rows", "new rows"])
@@ -274,13 +277,14 @@ def test_aborted_runs_leave_no_descriptor_open(llama, tmp_path, monkeypatch, fus
         monkeypatch.setattr(engine.fused, "AVAILABLE", False)
     target = _nan_target(llama, tmp_path)
     api.port(llama.instruct, llama.cpt, tmp_path / "warm", base=llama.base, progress=False)  # imports, caches
-    before = _open_fds()
+    before, threads = _open_fds(), threading.active_count()
     for run in range(5):
         out = tmp_path / f"out{run}"
         with pytest.raises(NonFiniteError):
             api.port(llama.instruct, target, out, base=llama.base, progress=False, force=True)
         assert _nothing_written(out)
     assert _open_fds() == before
+    assert threading.active_count() == threads
 
 
 def test_read_fault_mid_shard_leaves_no_descriptor_open(llama, tmp_path, monkeypatch):
