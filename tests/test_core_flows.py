@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import bits, load_tensors
+from helpers import bits, load_tensors, reference_port
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from hf_residual import api
@@ -57,6 +57,15 @@ def test_cli_extract_apply_inspect_as_a_user_runs_them(llama, tmp_path):
         check=True,
     )
     assert "wrote model" in done.stdout
+    # The values: R = I - B rounded once to bfloat16, and the model T + R in float32, rounded once.
+    t, i, b = (load_tensors(p) for p in (llama.cpt, llama.instruct, llama.base))
+    r, ported = load_tensors(residual), load_tensors(out)
+    assert r.keys() == ported.keys() == t.keys()
+    for name in t:
+        assert torch.equal(bits(r[name]), bits((i[name].float() - b[name].float()).to(torch.bfloat16))), name
+        assert torch.equal(bits(ported[name]), bits((t[name].float() + r[name].float()).to(t[name].dtype))), (
+            name
+        )
     done = subprocess.run(
         [*exe, "inspect", str(residual), str(out)], capture_output=True, text=True, check=True
     )
@@ -140,9 +149,11 @@ def test_instruct_with_added_tokens(families, tmp_path):
 def test_port_accepts_a_residual_folder_as_source(llama, tmp_path):
     api.extract(llama.instruct, llama.base, tmp_path / "r", dtype="float32", progress=False)
     api.port(tmp_path / "r", llama.cpt, tmp_path / "a", progress=False)
-    api.port(llama.instruct, llama.cpt, tmp_path / "b", base=llama.base, progress=False)
-    a, b = load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b")
-    assert all(torch.equal(bits(a[k]), bits(b[k])) for k in b)
+    a, t = load_tensors(tmp_path / "a"), load_tensors(llama.cpt)
+    i, b = load_tensors(llama.instruct), load_tensors(llama.base)
+    assert a.keys() == t.keys()
+    for name in t:  # T + R with the float32 R = I - B: the float32 reference, bit for bit
+        assert torch.equal(bits(a[name]), bits(reference_port(t[name], i[name], b[name], 1.0))), name
 
 
 def test_alpha_zero_gives_back_the_target(llama, tmp_path):
