@@ -1,22 +1,33 @@
 """The Gradio Space (spaces/hf-residual-demo): its config, and the real app launched on 127.0.0.1 and
 driven with gradio_client (chat turns to every model, a port, the results tab).
 
-The app runs in-process on the offline toy family, built once per module in a temporary folder.
+Most tests run the app in-process on the offline toy family, built once per module in a temporary folder.
+The default mode (no configuration) runs as users start it, ``python spaces/hf-residual-demo/app.py`` from
+the repository, with a HOME outside the temp directory and outside the repository: gradio serves files from
+both without being told, which hid that the default mode's figure (under ``~/.cache``) could not be served.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
+import gradio
+import gradio_client
 import pytest
+from helpers import bits, load_tensors, reference_port
 
-SPACE = Path(__file__).resolve().parents[1] / "spaces" / "hf-residual-demo"
-
-gradio = pytest.importorskip("gradio", reason="the Space needs gradio (pip install -e '.[space]')")
-gradio_client = pytest.importorskip("gradio_client", reason="these tests drive the app with gradio_client")
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = ROOT / "spaces" / "hf-residual-demo"
 
 
 def load_space_app():
@@ -148,19 +159,18 @@ def test_port_tab_produces_a_model_that_chats(client, space, tmp_path):
     folder = Path(status.split("Saved in `")[1].split("`")[0])
     assert (folder / "config.json").is_file() and list(folder.glob("*.safetensors"))
 
-    # It really is cpt + 0.5 * (instruct - base), tensor by tensor (one bfloat16 rounding).
-    import torch
-    from safetensors.torch import load_file
-
+    # It really is cpt + 0.5 * (instruct - base), every tensor bit for bit: float32 math, one rounding.
     root = folder.parents[1] / "toy"
-    tensors = {k: load_file(next((root / k).glob("*.safetensors"))) for k in ("base", "instruct", "cpt")}
-    ported = load_file(next(folder.glob("*.safetensors")))
-    key = "model.layers.0.mlp.down_proj.weight"
-    expected = tensors["cpt"][key].float() + 0.5 * (
-        tensors["instruct"][key].float() - tensors["base"][key].float()
+    base, instruct, cpt = (load_tensors(root / k) for k in ("base", "instruct", "cpt"))
+    ported = load_tensors(folder)
+    assert ported.keys() == cpt.keys()
+    for key, tensor in ported.items():
+        expected = reference_port(cpt[key], instruct[key], base[key], 0.5)
+        assert tensor.dtype == expected.dtype and tensor.shape == expected.shape, key
+        assert bits(tensor).equal(bits(expected)), f"{key} differs from the float32 reference"
+    assert not bits(ported["model.layers.0.mlp.down_proj.weight"]).equal(
+        bits(cpt["model.layers.0.mlp.down_proj.weight"])
     )
-    assert torch.allclose(ported[key].float(), expected, rtol=1e-2, atol=1e-3)
-    assert not torch.equal(ported[key], tensors["cpt"][key])
 
     chats, _ = _chat(client, "hello", ["", "", name])
     assert _text(chats[2][-1]).strip()
@@ -207,7 +217,8 @@ def test_config_file_maps_names_to_folders_and_repo_ids(tmp_path):
     found = rs.load_results(config)
     assert found.rows == [{"model": "mine", "if_strict": 0.5}]
     plot = rs.plot_rows(found.rows, tmp_path / "plot.png")
-    assert plot is None or plot.stat().st_size > 1000
+    assert plot == tmp_path / "plot.png" and plot.read_bytes().startswith(b"\x89PNG")
+    assert plot.stat().st_size > 1000
 
 
 def test_bare_json_mapping_and_environment_variable(tmp_path, monkeypatch):
@@ -310,11 +321,179 @@ def test_results_tab_shows_the_table_and_a_plot(space, tmp_path, monkeypatch):
     assert image and Path(image if isinstance(image, str) else image["path"]).stat().st_size > 1000
 
 
-def test_default_config_is_the_demo_tiny_family_and_its_models_chat(tmp_path, monkeypatch):
-    """No configuration: the demo's tiny family is trained once into the cache and shown with its roles."""
-    monkeypatch.setenv(rs.CACHE_ENV, str(tmp_path))
+def test_a_tqdm_bar_made_before_the_app_still_closes(tmp_path):
+    """gradio's tqdm tracking (the Port tab's progress) patches tqdm for the whole process; a bar made before
+    the app (here; in the Space, by the start-up thread) must still close and be collected without error."""
+    script = f"""
+import gc, sys, warnings
+sys.path.insert(0, {str(SPACE)!r})
+from tqdm.auto import tqdm
+early, late = tqdm(total=3, disable=True), tqdm(total=3, file=sys.stderr)
+import residual_space as rs
+import app
+app.build_app(rs.SpaceConfig({{"m": rs.ModelEntry("m", "org/m")}}, [], __import__("pathlib").Path({str(tmp_path)!r})))
+unraisable = []
+sys.unraisablehook = unraisable.append
+early.close(); late.update(3); late.close()
+del early, late
+gc.collect()
+assert not unraisable, [u.exc_value for u in unraisable]
+print("closed")
+"""
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "closed" in done.stdout, done.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------- default mode, as users run it
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def outside_home() -> Path:
+    """A new, empty HOME outside the temp directory and the repository (gradio serves files from both)."""
+    for parent in (Path.home(), ROOT.parent):
+        served_anyway = _inside(parent, Path(tempfile.gettempdir())) or _inside(parent, ROOT)
+        if parent.is_dir() and os.access(parent, os.W_OK) and not served_anyway:
+            return Path(tempfile.mkdtemp(prefix=".hf-residual-space-test-", dir=parent))
+    pytest.fail(f"no writable folder outside {tempfile.gettempdir()} and {ROOT} for the app's HOME")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class DefaultSpace:
+    """``python spaces/hf-residual-demo/app.py`` from the repository, no configuration, a fresh HOME outside the
+    temp directory and the repository: the first start trains the tiny family into ``~/.cache``."""
+
+    def __init__(self):
+        self.home = outside_home()
+        self.cache = self.home / ".cache" / "hf-residual" / "space"
+        self.log = self.home / "app.log"
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}/"
+        env = {k: v for k, v in os.environ.items() if k not in (rs.CONFIG_ENV, rs.CACHE_ENV, "HF_HOME")}
+        env.update(
+            HOME=str(self.home),
+            HF_HUB_OFFLINE="1",
+            GRADIO_ANALYTICS_ENABLED="False",
+            GRADIO_SERVER_NAME="127.0.0.1",
+            GRADIO_SERVER_PORT=str(port),
+            PYTHONUNBUFFERED="1",
+        )
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, str((SPACE / "app.py").relative_to(ROOT))],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.started = time.monotonic()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_until_served(self, timeout: float = 240) -> None:
+        """Until the page answers (the server starts while the tiny family trains)."""
+        while time.monotonic() - self.started < timeout:
+            assert self.process.poll() is None, f"the app exited:\n{self.output()}"
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail(f"the app did not answer in {timeout} s:\n{self.output()}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+_DEFAULT_SPACE: list[DefaultSpace] = []
+
+
+def start_default_space(request: pytest.FixtureRequest) -> DefaultSpace:
+    """One default-mode app for the session, shared by this module and test_space_browser.py; stopped and its
+    HOME removed at the end of the session (``request`` is a session-scoped fixture's)."""
+    if not _DEFAULT_SPACE:
+        space = DefaultSpace()
+        _DEFAULT_SPACE.append(space)
+        request.addfinalizer(space.stop)
+        space.wait_until_served()
+    return _DEFAULT_SPACE[0]
+
+
+@pytest.fixture(scope="session")
+def default_space(request) -> DefaultSpace:
+    return start_default_space(request)
+
+
+def _value(update):
+    return update.get("value") if isinstance(update, dict) else update
+
+
+def wait_for_results(client, timeout: float = 400):
+    """The /results endpoint once the models are ready (before, it says that they are not)."""
+    started = time.monotonic()
+    while True:
+        note, table, plot = client.predict(api_name="/results")
+        if "not ready yet" not in _value(note):
+            return note, table, plot
+        assert time.monotonic() - started < timeout, "the tiny family was not ready in time"
+        time.sleep(2)
+
+
+def test_default_mode_says_it_trains_then_shows_the_results_and_the_figure(default_space):
+    """No configuration, HOME outside the temp dir and the repository: the console and the page say that the
+    tiny family is training; then the Results tab shows its table and its figure (read from ``~/.cache``)."""
+    client = gradio_client.Client(default_space.url, verbose=False)
+    results_file = default_space.cache / "demo-tiny" / "results.json"
+    if not results_file.is_file():  # still training (about 20 s or more): the page says so
+        note, table, plot = client.predict(api_name="/results")
+        text = _value(note)
+        assert results_file.is_file() or "not ready yet" in text, text  # (or it just finished)
+        assert results_file.is_file() or "Training the tiny family" in text, text
+    note, table, plot = wait_for_results(client)
+    output = default_space.output()
+    assert "training the tiny family" in output and "first start" in output, output
+    assert "is ready" in output, output
+    assert output.index("training the tiny family") < output.index("is ready")
+    assert "Traceback" not in output, output
+
+    figure = default_space.cache / "demo-tiny" / "figure.png"
+    assert "results.json" in _value(note) and str(figure) in _value(note)
+    table = _value(table)
+    assert table["headers"][:2] == ["model", "role"]
+    assert {"base", "instruct", "ported-S"} <= {row[0] for row in table["data"]}
+    shown = _value(plot)
+    shown = Path(shown if isinstance(shown, str) else shown["path"])
+    assert shown.read_bytes() == figure.read_bytes()  # the figure itself, served through gradio's cache
+
+
+def test_default_config_is_the_demo_tiny_family_and_its_models_chat(default_space, monkeypatch):
+    """No configuration: the demo's tiny family (trained once into the cache by the default-mode app) is
+    shown with its roles, and its models chat; a second start reuses it and says so."""
+    wait_for_results(gradio_client.Client(default_space.url, verbose=False))  # trained, so not trained twice
+    monkeypatch.setenv(rs.CACHE_ENV, str(default_space.cache))
     monkeypatch.delenv(rs.CONFIG_ENV, raising=False)
-    config = rs.load_config()
+    lines: list[str] = []
+    config = rs.load_config(log=lines.append)
+    assert lines[0].startswith("hf-residual Space: checking the tiny family") and "reused" in lines[0]
+    assert "is ready" in lines[-1]
     roles = {name: entry.role for name, entry in config.models.items()}
     assert roles["instruct"] == "instruct" and roles["base"] == "base"
     assert [roles[name] for name in config.chat_defaults] == [
@@ -329,4 +508,3 @@ def test_default_config_is_the_demo_tiny_family_and_its_models_chat(tmp_path, mo
         rs.stream_side_by_side(store, [turn] * 3, config.chat_defaults, rs.Sampling(max_new_tokens=12))
     )[-1]
     assert all(reply and not reply.startswith("[error") for reply in final)
-    assert rs.load_config().models.keys() == config.models.keys()  # second start reuses the trained family

@@ -1,5 +1,7 @@
 """The Space in a real headless Chromium (Debian's ``chromium``, driven by Playwright): load the page,
-send a prompt, see two answers appear, save a screenshot and check it is not blank.
+send a prompt, see two answers appear, save a screenshot and check it is not blank; and, in the default
+mode started as users start it (``test_space.DefaultSpace``), see the status line and the Results tab's
+figure.
 
 Skips with the reason when chromium or playwright is missing (``.ci/run`` installs chromium with apt).
 """
@@ -11,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_space import start_default_space, wait_for_results
 
 CHROMIUM = os.environ.get("HF_RESIDUAL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -89,4 +92,43 @@ def test_page_streams_two_answers_and_renders(tmp_path, monkeypatch):
     if keep:
         shutil.copy(shot, keep)
     assert shot.stat().st_size > 10_000
+    assert not _blank(shot), "the screenshot is blank: the page did not render"
+
+
+@pytest.fixture(scope="session")
+def default_space(request):
+    return start_default_space(request)
+
+
+def test_default_mode_shows_its_status_and_the_results_figure(default_space, tmp_path):
+    """No configuration, HOME outside the temp directory and the repository: the status line says what the
+    start-up does (training on a first start, then ready), and the Results tab shows the demo's figure."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+    import gradio_client
+
+    shot = tmp_path / "results.png"
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            trained = (default_space.cache / "demo-tiny" / "results.json").is_file()
+            page.goto(default_space.url)
+            status = page.locator("#status")
+            status.wait_for()
+            if not trained:  # a first start: the page says it trains (unless it just finished)
+                text = status.inner_text()
+                assert "Training the tiny family" in text or "Models ready" in text, text
+            wait_for_results(gradio_client.Client(default_space.url, verbose=False))
+            status.get_by_text("Models ready").wait_for(timeout=30_000)
+            page.get_by_role("tab", name="Results").click()
+            page.wait_for_function(
+                "() => { const i = document.querySelector('#results-plot img');"
+                " return i && i.complete && i.naturalWidth > 0; }",
+                timeout=60_000,
+            )
+            width = page.locator("#results-plot img").evaluate("image => image.naturalWidth")
+            assert width > 100, width
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
     assert not _blank(shot), "the screenshot is blank: the page did not render"

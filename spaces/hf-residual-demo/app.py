@@ -1,14 +1,19 @@
 """hf-residual Space: chat with base, instruct and ported models side by side, see their results, port.
 
-Run locally with ``python app.py`` (CPU, no network: the demo's tiny family is trained on first start), or set
-``HF_RESIDUAL_SPACE_MODELS`` to a YAML/JSON file of ``name: folder-or-repo-id`` (or to a folder written
-by ``hf-residual demo``) to show other models. The page logic is here; models, generation, results and
-porting are in ``residual_space.py``.
+Run locally with ``python app.py`` (CPU, no network: the demo's tiny family is trained on first start, in the
+background while the page is served, which shows and logs it), or set ``HF_RESIDUAL_SPACE_MODELS`` to a
+YAML/JSON file of ``name: folder-or-repo-id`` (or to a folder written by ``hf-residual demo``) to show other
+models. The page logic is here; models, generation, results and porting are in ``residual_space.py``.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,26 +37,77 @@ Run `hf-residual demo -o hf-residual-demo` and start the Space with `HF_RESIDUAL
 or add `results: [path/to/results.json]` to the Space config."""
 
 
-def _label(store: rs.ModelStore, name: str | None) -> str:
-    if not name or name == NONE:
+NOT_READY = "### The models are not ready yet\n"
+
+
+def _track_tqdm() -> gr.Progress:
+    """The Port tab's progress: tqdm bars (``api.port`` draws one) shown on the page.
+
+    ``gr.Progress(track_tqdm=True)`` patches tqdm's methods for the whole process, and gradio's patched
+    ``close`` reads an attribute that only bars created after the patch have: a bar created before (earlier
+    in the process, or by the start-up thread training the tiny family) raises ``AttributeError: 'tqdm'
+    object has no attribute '_progress'`` when closed or garbage-collected. So the patch is made once, here,
+    at import (before any start-up thread), and a class default leaves such bars untracked instead.
+    """
+    progress = gr.Progress(track_tqdm=True)
+    import tqdm
+
+    if not hasattr(tqdm.tqdm, "_progress"):
+        tqdm.tqdm._progress = None
+    return progress
+
+
+PORT_PROGRESS = _track_tqdm()
+_SERVED: list[Path] = []
+
+
+def served(path: Path) -> str:
+    """A copy of ``path`` that gradio may serve, for an image the page shows.
+
+    gradio serves files under the working directory, the temp directory and ``allowed_paths`` only, while
+    results and the default tiny family live in ``~/.cache`` (or anywhere a config file says): the image is
+    copied to a temporary folder of this process (by content, so a refresh copies nothing), whatever the
+    ``launch()`` arguments (the Hub's Spaces, ``python app.py``, tests).
+    """
+    path = Path(path)
+    if not _SERVED:
+        _SERVED.append(Path(tempfile.mkdtemp(prefix="hf-residual-space-")))
+        atexit.register(shutil.rmtree, _SERVED[0], True)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    copy = _SERVED[0] / digest / path.name
+    if not copy.is_file():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy)
+    return str(copy)
+
+
+def _label(store: rs.ModelStore | None, name: str | None) -> str:
+    if not name or name == NONE or store is None:
         return "(no model)"
     entry = store.entry(name)
     return f"{entry.label} · {rs.template_note(entry)}"
 
 
 def build_app(config: rs.SpaceConfig | None = None) -> gr.Blocks:
-    """The whole page; ``config`` defaults to ``$HF_RESIDUAL_SPACE_MODELS`` or the demo's tiny family."""
-    config = config or rs.load_config()
-    store = rs.ModelStore(config)
-    names = store.names()
-    defaults = (config.chat_defaults + [None] * SLOTS)[:SLOTS]
-    is_toy = all("/toy/" in e.ref for e in config.models.values())
+    """The whole page; ``config`` defaults to ``$HF_RESIDUAL_SPACE_MODELS`` or the demo's tiny family.
+
+    The tiny family is prepared in the background (trained on the first start): the page is served at
+    once, says so in its status line and in the console, and fills the model pickers when it is ready.
+    """
+    if config is None and os.environ.get(rs.CONFIG_ENV):
+        config = rs.load_config()  # a bad config file fails the start, with its message
+    startup = rs.Startup(config) if config is not None else rs.Startup().start()
+    names = startup.store.names() if startup.ready else []
+    defaults = _defaults(startup)
+    is_toy = bool(config and config.models) and all("/toy/" in e.ref for e in config.models.values())
 
     def check(name: str | None) -> str | None:
         if not name or name == NONE:
             return None
+        if not startup.ready:
+            raise gr.Error(startup.status().replace("**", ""))
         try:
-            store.entry(name)
+            startup.store.entry(name)
         except ResidualError as error:
             raise gr.Error(str(error)) from error
         return name
@@ -67,7 +123,7 @@ def build_app(config: rs.SpaceConfig | None = None) -> gr.Blocks:
         conversations = [h + [turn] if n else None for h, n in zip(histories, picked, strict=True)]
         sampling = rs.Sampling(int(max_new_tokens), float(temperature), float(top_p), int(seed))
         shown = histories
-        for texts in rs.stream_side_by_side(store, conversations, picked, sampling):
+        for texts in rs.stream_side_by_side(startup.store, conversations, picked, sampling):
             shown = [
                 c + [{"role": "assistant", "content": t}] if c is not None else h
                 for c, t, h in zip(conversations, texts, histories, strict=True)
@@ -78,7 +134,7 @@ def build_app(config: rs.SpaceConfig | None = None) -> gr.Blocks:
         def on_pick(name, histories):
             histories = [list(h) for h in histories]
             histories[slot] = []
-            return gr.Chatbot(value=[], label=_label(store, check(name))), histories
+            return gr.Chatbot(value=[], label=_label(startup.store, check(name))), histories
 
         return on_pick
 
@@ -86,12 +142,15 @@ def build_app(config: rs.SpaceConfig | None = None) -> gr.Blocks:
         return (*([[]] * SLOTS), [[] for _ in range(SLOTS)])
 
     def results():
-        found = rs.load_results(config, store)
+        if not startup.ready:
+            note = NOT_READY + startup.status()
+            return gr.Markdown(note), gr.Dataframe(visible=False), gr.Image(visible=False)
+        found = rs.load_results(startup.config, startup.store)
         if not found.rows and not found.images:
             return gr.Markdown(EMPTY_RESULTS), gr.Dataframe(visible=False), gr.Image(visible=False)
         images = list(found.images)
         if found.rows and not images:
-            plot = rs.plot_rows(found.rows, config.workdir / "results-plot.png")
+            plot = rs.plot_rows(found.rows, startup.config.workdir / "results-plot.png")
             images += [plot] if plot else []
         import pandas as pd
 
@@ -102,18 +161,19 @@ def build_app(config: rs.SpaceConfig | None = None) -> gr.Blocks:
         return (
             gr.Markdown(note),
             gr.Dataframe(value=table, visible=bool(found.rows)),
-            gr.Image(value=str(images[0]) if images else None, visible=bool(images)),
+            gr.Image(value=served(images[0]) if images else None, visible=bool(images)),
         )
 
-    def port(instruct, base, target, alpha, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio API)
+    def port(instruct, base, target, alpha, progress=PORT_PROGRESS):
         if not (instruct and base and target):
             raise gr.Error("Pick an instruct model, its base and a target.")
+        picked = check(instruct), check(base), check(target)
         progress(0, desc="porting")
         try:
-            entry = rs.run_port(store, check(instruct), check(base), check(target), float(alpha))
+            entry = rs.run_port(startup.store, *picked, float(alpha))
         except ResidualError as error:
             raise gr.Error(str(error)) from error
-        all_names = [*store.names(), NONE]
+        all_names = [*startup.store.names(), NONE]
         message = (
             f"Ported **{entry.name}**: {entry.role}. Saved in `{entry.ref}`. "
             "It is now model 3 in the **Chat side by side** tab."
@@ -126,12 +186,22 @@ def build_app(config: rs.SpaceConfig | None = None) -> gr.Blocks:
             gr.Tabs(selected="chat"),
         )
 
-    def refresh_choices():
-        current = [*store.names(), NONE]
-        return [gr.Dropdown(choices=current) for _ in range(SLOTS)]
+    def sync():
+        """On page load, and every second while the models are prepared: the status line, the pickers
+        (with the models ported since), the Port tab's picks and the results; then the timer stops."""
+        if not startup.ready:
+            keep = [gr.skip()] * (SLOTS + 3)
+            return (startup.status(), gr.Timer(active=not startup.done), *keep, *results())
+        current = startup.store.names()
+        picks = [gr.Dropdown(choices=[*current, NONE], value=d or NONE) for d in _defaults(startup)]
+        guess = rs.guess_port_roles(current)
+        roles = [gr.Dropdown(choices=current, value=g) for g in guess]
+        return (startup.status(), gr.Timer(active=False), *picks, *roles, *results())
 
     with gr.Blocks(title="hf-residual: instruction residuals side by side") as demo:
         gr.Markdown(HEADER + ("\n\n" + TOY_NOTE if is_toy else ""))
+        status = gr.Markdown(startup.status(), elem_id="status")
+        timer = gr.Timer(1.0, active=not startup.ready)
         with gr.Tabs() as tabs:
             with gr.Tab("Chat side by side", id="chat"):
                 with gr.Row():
@@ -147,7 +217,9 @@ def build_app(config: rs.SpaceConfig | None = None) -> gr.Blocks:
                     ]
                 with gr.Row():
                     chatbots = [
-                        gr.Chatbot(label=_label(store, defaults[i]), height=360, elem_id=f"chat-{i + 1}")
+                        gr.Chatbot(
+                            label=_label(startup.store, defaults[i]), height=360, elem_id=f"chat-{i + 1}"
+                        )
                         for i in range(SLOTS)
                     ]
                 histories = gr.State([[] for _ in range(SLOTS)])
@@ -176,7 +248,9 @@ def build_app(config: rs.SpaceConfig | None = None) -> gr.Blocks:
             with gr.Tab("Results", id="results"):
                 results_note = gr.Markdown()
                 results_table = gr.Dataframe(visible=False, interactive=False, label="comparison")
-                results_plots = gr.Image(visible=False, label="plot", type="filepath", interactive=False)
+                results_plots = gr.Image(
+                    visible=False, label="plot", type="filepath", interactive=False, elem_id="results-plot"
+                )
                 refresh = gr.Button("Refresh")
                 refresh.click(results, None, [results_note, results_table, results_plots], api_name="results")
 
@@ -201,10 +275,18 @@ def build_app(config: rs.SpaceConfig | None = None) -> gr.Blocks:
                     concurrency_limit=1,
                 )
 
-        demo.load(results, None, [results_note, results_table, results_plots], api_name=False)
-        demo.load(refresh_choices, None, pickers, api_name=False)
+        synced = [status, timer, *pickers, port_instruct, port_base, port_target]
+        synced += [results_note, results_table, results_plots]
+        demo.load(sync, None, synced, api_name=False)
+        timer.tick(sync, None, synced, api_name=False, show_progress="hidden")
     demo.queue(max_size=32, default_concurrency_limit=2)
     return demo
+
+
+def _defaults(startup: rs.Startup) -> list[str | None]:
+    """The models shown first in the chat slots (none until the models are ready)."""
+    chosen = startup.config.chat_defaults if startup.ready else []
+    return (chosen + [None] * SLOTS)[:SLOTS]
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 lazily, streaming several generations at once, reading results, and running a port.
 
 Kept apart from ``app.py`` so it can be tested and reused without building the page. Model references
-come from a config file (``HF_RESIDUAL_SPACE_MODELS``); without one, a tiny offline family is built once
-with ``hf_residual.toy`` and ported with ``hf_residual.api.port``, so the Space starts with no network.
+come from a config file (``HF_RESIDUAL_SPACE_MODELS``); without one, the tiny family of ``hf-residual demo``
+is trained once on CPU (``Startup`` does it in the background, so the page is served meanwhile), so the
+Space starts with no network.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from hf_residual.errors import ConfigError, InputNotFoundError
@@ -24,6 +26,8 @@ from hf_residual.errors import ConfigError, InputNotFoundError
 CONFIG_ENV = "HF_RESIDUAL_SPACE_MODELS"
 CACHE_ENV = "HF_RESIDUAL_SPACE_CACHE"
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+TINY_FAMILY = "the tiny family of `hf-residual demo`"
+console = partial(print, flush=True)  # the Space's log: shown live in the Space's logs and in a terminal
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hf-residual" / "space")
 
 
-def load_config(path: str | Path | None = None) -> SpaceConfig:
-    """The Space's config: ``path``, else ``$HF_RESIDUAL_SPACE_MODELS``, else the demo's tiny family.
+def load_config(path: str | Path | None = None, log: Callable[[str], None] = console) -> SpaceConfig:
+    """The Space's config: ``path``, else ``$HF_RESIDUAL_SPACE_MODELS``, else the demo's tiny family
+    (trained on the first start, which ``log`` reports).
 
     The file is YAML or JSON: ``{models: {name: ref | {path, role}}, results: [files], chat: [names]}``,
     or a bare ``{name: ref}`` mapping. A ref is a folder (relative to the file) or a Hub repo id. A folder
@@ -62,7 +67,7 @@ def load_config(path: str | Path | None = None) -> SpaceConfig:
     """
     raw = path or os.environ.get(CONFIG_ENV)
     if not raw:
-        return demo_config(default_cache_dir())
+        return demo_config(default_cache_dir(), log)
     path = Path(raw).expanduser()
     if path.is_dir():
         return _demo_output_config(path)
@@ -156,15 +161,107 @@ def _demo_role(name: str) -> str:
     return {"base": "base", "instruct": "instruct"}.get(name, "")
 
 
-def demo_config(workdir: Path) -> SpaceConfig:
+def demo_config(workdir: Path, log: Callable[[str], None] = console) -> SpaceConfig:
     """The offline default: the ``tiny`` family of ``hf-residual demo`` (trained on CPU in about 20 s on the
-    first start, reused after), whose instruct and ported models really follow format instructions."""
+    first start, reused after), whose instruct and ported models really follow format instructions.
+
+    ``log`` gets a line when it starts (saying whether it trains), each stage of the demo, and one when done.
+    """
     from hf_residual.demo import run_demo
 
-    folder = Path(workdir) / "demo-tiny"
+    folder = demo_folder(workdir)
     with _BUILD_LOCK:
-        run_demo(folder, profile="tiny", seed=0, log=lambda line: None)
-    return _demo_output_config(folder)
+        started = time.perf_counter()
+        if is_trained(folder):
+            log(f"hf-residual Space: checking {TINY_FAMILY} in {folder} (built before: reused) ...")
+        else:
+            log(
+                f"hf-residual Space: training {TINY_FAMILY} in {folder} "
+                "(first start: about 20 s on CPU, nothing downloaded; reused after) ..."
+            )
+        run_demo(folder, profile="tiny", seed=0, log=lambda line: log(f"  {line.strip()}"))
+        config = _demo_output_config(folder)
+        log(f"hf-residual Space: {TINY_FAMILY} is ready ({time.perf_counter() - started:.0f} s)")
+    return config
+
+
+def demo_folder(workdir: Path) -> Path:
+    """Where the default mode trains and keeps the tiny family."""
+    return Path(workdir) / "demo-tiny"
+
+
+def is_trained(folder: Path) -> bool:
+    """Whether ``hf-residual demo`` already ran to the end in ``folder`` (its report is written last)."""
+    return (Path(folder) / "results.json").is_file()
+
+
+class Startup:
+    """The Space's config and models, made ready in a background thread when that takes a while (the default
+    tiny family is trained on the first start), so the page is served at once and says what is happening.
+
+    ``Startup(config)`` is ready at once; ``Startup().start()`` loads the default config in a thread.
+    """
+
+    def __init__(self, config: SpaceConfig | None = None, log: Callable[[str], None] = console):
+        self.config = config
+        self.store = ModelStore(config) if config is not None else None
+        self.error: str | None = None
+        self.line = ""  # the latest line logged while preparing
+        self.background = False
+        self.first_start = False
+        self._log = log
+        self._done = threading.Event()
+        if config is not None:
+            self._done.set()
+
+    def start(self) -> Startup:
+        self.background = True
+        self.first_start = not os.environ.get(CONFIG_ENV) and not is_trained(demo_folder(default_cache_dir()))
+        threading.Thread(target=self._prepare, name="hf-residual-space-startup", daemon=True).start()
+        return self
+
+    def _prepare(self) -> None:
+        try:
+            config = load_config(log=self.log)
+            self.store = ModelStore(config)
+            self.config = config
+        except Exception as error:  # shown on the page and in the log; the server stays up to show it
+            self.error = f"{type(error).__name__}: {error}"
+            self.log(f"hf-residual Space: could not prepare the models: {self.error}")
+        finally:
+            self._done.set()
+
+    def log(self, line: str) -> None:
+        self.line = line.strip()
+        self._log(line)
+
+    @property
+    def done(self) -> bool:
+        """Ready, or failed (``error`` says why)."""
+        return self._done.is_set()
+
+    @property
+    def ready(self) -> bool:
+        return self._done.is_set() and self.store is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout) and self.ready
+
+    def status(self) -> str:
+        """A Markdown line for the page: training (and the current stage), ready, or failed."""
+        if self.error:
+            return f"**Could not prepare the models**: {self.error}"
+        if not self.ready:
+            now = f" Now: `{self.line.removeprefix('hf-residual Space: ') or 'starting'}`"
+            if self.first_start:
+                return (
+                    f"**Training {TINY_FAMILY}** on CPU (first start: about 20 s, nothing downloaded; reused "
+                    f"after). The models appear here when it is done.{now}"
+                )
+            return f"**Loading {TINY_FAMILY}** (trained before: reused).{now}"
+        if self.background:
+            return f"**Models ready**: {TINY_FAMILY}, in `{self.config.workdir}`."
+        return ""
 
 
 def toy_config(workdir: Path) -> SpaceConfig:
