@@ -27,10 +27,51 @@ def lowrank(llama, tmp_path_factory):
 def _reference(target_folder, residual_folder) -> dict[str, torch.Tensor]:
     """T + decode(R) in float32, rounded once to the target dtype (what apply must write)."""
     target = load_tensors(target_folder)
-    return {
+    expected = {
         name: (target[name].float() + torch.from_numpy(values)).to(target[name].dtype)
         for name, values in decoded_tensors(residual_folder)
     }
+    assert expected.keys() == target.keys()  # every tensor decoded: the comparisons cannot pass vacuously
+    return expected
+
+
+def _reference_rows(target_folder, residual_folder, rows: int) -> dict[str, torch.Tensor]:
+    """Like ``_reference``, on the target's rows only (the residual's extra rows are absolute values)."""
+    target = load_tensors(target_folder)
+    expected = {
+        name: (target[name].float() + torch.from_numpy(values[:rows] if values.ndim == 2 else values)).to(
+            target[name].dtype
+        )
+        for name, values in decoded_tensors(residual_folder)
+    }
+    assert expected.keys() == target.keys()
+    return expected
+
+
+def _check_decoding(residual_folder, family, min_cosine: float, rank: int | None = None) -> None:
+    """The decoded residual against the exact I - B, independently of the codec's code: dense tensors are
+    I - B rounded once to bfloat16; compressed ones point the same way (cosine), and a rank-r decoding is
+    rank r and as close to I - B as the best rank-r matrix (Eckart-Young), up to bfloat16 factors."""
+    instruct, base = load_tensors(family.instruct), load_tensors(family.base)
+    kinds = {
+        k: e["codec"]["kind"]
+        for k, e in json.loads((residual_folder / "residual.json").read_text())["tensors"].items()
+    }
+    compressed = 0
+    for name, decoded in decoded_tensors(residual_folder):
+        exact = (instruct[name].float() - base[name].float()).numpy()
+        if kinds[name] == "dense":
+            assert np.array_equal(decoded, torch.from_numpy(exact).to(torch.bfloat16).float().numpy()), name
+            continue
+        compressed += 1
+        cosine = float((decoded * exact).sum() / (np.linalg.norm(decoded) * np.linalg.norm(exact)))
+        assert cosine > min_cosine, (name, cosine)
+        if rank is not None:
+            singular = np.linalg.svd(exact, compute_uv=False)
+            best = np.sqrt((singular[rank:] ** 2).sum())
+            assert np.linalg.matrix_rank(decoded) <= rank, name
+            assert np.linalg.norm(decoded - exact) <= best + 0.005 * np.linalg.norm(exact), name
+    assert compressed >= 14  # the 7 projections of both layers at least
 
 
 def test_lowrank_extract_records_codec_and_fidelity_and_apply_adds_the_decoded_residual(
@@ -46,6 +87,7 @@ def test_lowrank_extract_records_codec_and_fidelity_and_apply_adds_the_decoded_r
     assert 0 < fidelity["errors"]["mean"] < 1 and not manifest["lossless"]
     assert "lowrank:8" in (lowrank / "README.md").read_text()
     assert not list(lowrank.parent.glob(".lowrank*")), "temporary exact residual left behind"
+    _check_decoding(lowrank, llama, min_cosine=0.6, rank=8)
 
     api.apply(lowrank, llama.cpt, tmp_path / "ported", progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["ported"], "temporary decoded residual left behind"
@@ -75,15 +117,18 @@ def test_peft_loads_the_lowrank_residual_and_merges_to_the_ported_model(llama, l
 def test_bitdelta_and_sparse_port_from_a_residual_folder(llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    for spec in (
-        "bitdelta",
-        "bitdelta,scale=row,embeddings=compress",
-        "sparse:0.25,seed=5",
-        "sparse:topk=0.1",
+    # min cosine with I - B: sign * mean|x| ~ sqrt(2/pi) = 0.8; DARE at density p ~ sqrt(p) = 0.5; top 10%
+    # of the magnitudes of Gaussian-like values hold ~44% of the energy: ~0.66
+    for spec, min_cosine in (
+        ("bitdelta", 0.7),
+        ("bitdelta,scale=row,embeddings=compress", 0.7),
+        ("sparse:0.25,seed=5", 0.4),
+        ("sparse:topk=0.1", 0.55),
     ):
         residual = tmp_path / spec.replace(":", "-")
         result = api.extract(llama.instruct, llama.base, residual, codec=spec, progress=False)
         assert result.details["fidelity"]["ratio_to_bf16"] > 1.0
+        _check_decoding(residual, llama, min_cosine)
         ported = tmp_path / f"ported-{spec.replace(':', '-')}"
         api.port(residual, llama.cpt, ported, progress=False)
         got = load_tensors(ported)
@@ -144,8 +189,13 @@ def test_grown_vocabulary_gets_no_adapter_but_applies(families, tmp_path):
     assert manifest["codec_params"]["peft_adapter"]["written"] is False
     assert not (residual / "adapter_config.json").exists()
     api.apply(residual, family.cpt, tmp_path / "ported", progress=False)
-    instruct_rows = load_tensors(family.instruct)["model.embed_tokens.weight"].shape[0]
-    assert load_tensors(tmp_path / "ported")["model.embed_tokens.weight"].shape[0] == instruct_rows
+    instruct, ported = load_tensors(family.instruct), load_tensors(tmp_path / "ported")
+    rows = load_tensors(family.base)["model.embed_tokens.weight"].shape[0]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert ported[name].shape == instruct[name].shape
+        assert torch.equal(bits(ported[name][rows:]), bits(instruct[name][rows:])), name  # the new rows
+    for name, expected in _reference_rows(family.cpt, residual, rows).items():
+        assert torch.equal(bits(ported[name][:rows]), bits(expected)), name
 
 
 def test_cli_extract_with_codec_and_probe_file(llama, tmp_path, capsys):
