@@ -1,9 +1,12 @@
-"""Test helpers: load a folder's tensors with the real safetensors library for comparisons."""
+"""Test helpers: a folder's tensors loaded with the real safetensors library, and independent references
+(float32 math written here, not the package's) to compare them with."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -29,3 +32,31 @@ def reference_port(
     if alpha != 1.0:
         residual = residual * torch.tensor(alpha, dtype=torch.float32)
     return (target.float() + residual).to(target.dtype)
+
+
+def check_decoded_residual(residual_folder, family, min_cosine: float, rank: int | None = None) -> None:
+    """The decoded residual against the exact I - B, independently of the codec's code: dense tensors are
+    I - B rounded once to bfloat16; compressed ones point the same way (cosine), and a rank-r decoding is
+    rank r and as close to I - B as the best rank-r matrix (Eckart-Young), up to bfloat16 factors."""
+    from hf_residual.codecs.folders import decoded_tensors
+
+    instruct, base = load_tensors(family.instruct), load_tensors(family.base)
+    kinds = {
+        k: e["codec"]["kind"]
+        for k, e in json.loads((Path(residual_folder) / "residual.json").read_text())["tensors"].items()
+    }
+    compressed = 0
+    for name, decoded in decoded_tensors(residual_folder):
+        exact = (instruct[name].float() - base[name].float()).numpy()
+        if kinds[name] == "dense":
+            assert np.array_equal(decoded, torch.from_numpy(exact).to(torch.bfloat16).float().numpy()), name
+            continue
+        compressed += 1
+        cosine = float((decoded * exact).sum() / (np.linalg.norm(decoded) * np.linalg.norm(exact)))
+        assert cosine > min_cosine, (name, cosine)
+        if rank is not None:
+            singular = np.linalg.svd(exact, compute_uv=False)
+            best = np.sqrt((singular[rank:] ** 2).sum())
+            assert np.linalg.matrix_rank(decoded) <= rank, name
+            assert np.linalg.norm(decoded - exact) <= best + 0.005 * np.linalg.norm(exact), name
+    assert compressed >= 14  # the 7 projections of both layers at least

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import bits, load_tensors
+from helpers import bits, check_decoded_residual, load_tensors
 from safetensors.torch import save_file
 
 from hf_residual import api
@@ -48,32 +48,6 @@ def _reference_rows(target_folder, residual_folder, rows: int) -> dict[str, torc
     return expected
 
 
-def _check_decoding(residual_folder, family, min_cosine: float, rank: int | None = None) -> None:
-    """The decoded residual against the exact I - B, independently of the codec's code: dense tensors are
-    I - B rounded once to bfloat16; compressed ones point the same way (cosine), and a rank-r decoding is
-    rank r and as close to I - B as the best rank-r matrix (Eckart-Young), up to bfloat16 factors."""
-    instruct, base = load_tensors(family.instruct), load_tensors(family.base)
-    kinds = {
-        k: e["codec"]["kind"]
-        for k, e in json.loads((residual_folder / "residual.json").read_text())["tensors"].items()
-    }
-    compressed = 0
-    for name, decoded in decoded_tensors(residual_folder):
-        exact = (instruct[name].float() - base[name].float()).numpy()
-        if kinds[name] == "dense":
-            assert np.array_equal(decoded, torch.from_numpy(exact).to(torch.bfloat16).float().numpy()), name
-            continue
-        compressed += 1
-        cosine = float((decoded * exact).sum() / (np.linalg.norm(decoded) * np.linalg.norm(exact)))
-        assert cosine > min_cosine, (name, cosine)
-        if rank is not None:
-            singular = np.linalg.svd(exact, compute_uv=False)
-            best = np.sqrt((singular[rank:] ** 2).sum())
-            assert np.linalg.matrix_rank(decoded) <= rank, name
-            assert np.linalg.norm(decoded - exact) <= best + 0.005 * np.linalg.norm(exact), name
-    assert compressed >= 14  # the 7 projections of both layers at least
-
-
 def test_lowrank_extract_records_codec_and_fidelity_and_apply_adds_the_decoded_residual(
     llama, lowrank, tmp_path
 ):
@@ -87,7 +61,7 @@ def test_lowrank_extract_records_codec_and_fidelity_and_apply_adds_the_decoded_r
     assert 0 < fidelity["errors"]["mean"] < 1 and not manifest["lossless"]
     assert "lowrank:8" in (lowrank / "README.md").read_text()
     assert not list(lowrank.parent.glob(".lowrank*")), "temporary exact residual left behind"
-    _check_decoding(lowrank, llama, min_cosine=0.6, rank=8)
+    check_decoded_residual(lowrank, llama, min_cosine=0.6, rank=8)
 
     api.apply(lowrank, llama.cpt, tmp_path / "ported", progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["ported"], "temporary decoded residual left behind"
@@ -128,7 +102,7 @@ def test_bitdelta_and_sparse_port_from_a_residual_folder(llama, tmp_path):
         residual = tmp_path / spec.replace(":", "-")
         result = api.extract(llama.instruct, llama.base, residual, codec=spec, progress=False)
         assert result.details["fidelity"]["ratio_to_bf16"] > 1.0
-        _check_decoding(residual, llama, min_cosine)
+        check_decoded_residual(residual, llama, min_cosine)
         ported = tmp_path / f"ported-{spec.replace(':', '-')}"
         api.port(residual, llama.cpt, ported, progress=False)
         got = load_tensors(ported)

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import torch
-from helpers import bits, load_tensors
+from helpers import bits, check_decoded_residual, load_tensors
 from hubserver import add_family
 
 from hf_residual.cli import main
@@ -50,6 +50,8 @@ def test_lowrank_residual_pushed_then_ported_and_loaded_by_peft_from_the_repo(
     assert main(["port", repo, "--to", ids["cpt"], "-o", str(ported), "-q"]) == 0, capsys.readouterr().err
     got, cpt = load_tensors(ported), load_tensors(llama.cpt)
     decoded = dict(decoded_tensors(snapshot))
+    assert decoded.keys() == cpt.keys() == got.keys()
+    check_decoded_residual(snapshot, llama, min_cosine=0.6, rank=8)  # the published residual is I - B's
     for name, values in decoded.items():
         expected = (cpt[name].float() + torch.from_numpy(values)).to(cpt[name].dtype)
         assert torch.equal(bits(got[name]), bits(expected)), name
