@@ -228,7 +228,12 @@ def test_each_category_plot_has_one_bar_per_model_and_row(tmp_path):
     table = build_table([write_paper_results(tmp_path / "results")])
     counts = {"instruction following": 8, "reasoning": 7, "truthfulness": 1}
     for category, rows in counts.items():
-        assert len(category_figure(table, category).axes[0].patches) == rows * 3
+        bars = category_figure(table, category).axes[0].patches
+        assert len(bars) == rows * 3
+        # the heights are the table's values (checked against the paper by the golden test), model by model
+        in_category = [r for r in table.rows if r.category == category]
+        expected = [table.value(r, m) for m in table.models for r in in_category]
+        assert [bar.get_height() for bar in bars] == pytest.approx(expected)
     compare([tmp_path / "results"], tmp_path / "report")
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
     assert pngs == ["instruction-following.png", "reasoning.png", "truthfulness.png"]
