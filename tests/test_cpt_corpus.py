@@ -147,6 +147,8 @@ def test_caps_parquet_and_cli(html_folder, tmp_path, capsys):
     assert "no article passed the filters" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
     assert main(["corpus", "--source", "html", "-o", str(tmp_path / "x"), "--publishers", "us.Nope"]) == 2
+    assert "unknown publisher 'us.Nope'; write it as <country>.<Publisher>" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_normalisation_keys():
