@@ -13,6 +13,7 @@ the previous ones after; the Python API never installs any.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import signal
 import sys
@@ -56,8 +57,89 @@ def _interruptible() -> Iterator[None]:
             signal.signal(number, handler)
 
 
+def _unknown_options(parser: argparse.ArgumentParser, tokens: list[str]) -> list[str]:
+    """The options among ``tokens`` that ``parser`` does not know (nor as an abbreviation of one)."""
+    unknown = []
+    for token in tokens:
+        if token == "--":
+            break
+        if not token.startswith("-") or token == "-" or parser._negative_number_matcher.match(token):
+            continue
+        option = token.split("=", 1)[0] if token.startswith("--") else token[:2]
+        known = parser._option_string_actions
+        if option in known or (option.startswith("--") and any(o.startswith(option) for o in known)):
+            continue
+        unknown.append(option)
+    return unknown
+
+
+def _close(word: str, candidates, cutoff: float = 0.6) -> list[str]:
+    return difflib.get_close_matches(str(word), [str(c) for c in candidates], n=2, cutoff=cutoff)
+
+
+def _option_hints(parser: argparse.ArgumentParser, tokens: list[str], also=()) -> str:
+    """`` (--ouput: did you mean --output?)`` for each unknown option of ``tokens`` with a close one, or "".
+
+    Options of ``parser`` and those in ``also`` (the main parser's, before the sub-command) are suggested.
+    """
+    names = [o for o in [*parser._option_string_actions, *also] if o not in ("-h", "--help")]
+    hints = [
+        f"{option}: did you mean {' or '.join(close)}?"
+        for option in _unknown_options(parser, tokens)
+        if (close := _close(option, names, cutoff=0.7))
+    ]
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with suggestions: a mistyped sub-command, choice or option names the closest ones.
+
+    Sub-command parsers are of this class too (``add_subparsers`` makes them of the parent's class).
+    Errors still exit with status 2, as argparse's do.
+    """
+
+    _tokens: list[str] = []
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        if action.choices is not None and value not in action.choices:
+            close = _close(value, action.choices)
+            hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+            choices = ", ".join(map(repr, action.choices))
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r} ({hint}choose from {choices})")
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._tokens = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self._chosen_subparser(parsed)
+            hints = _option_hints(
+                parser, extras, also=self._option_string_actions if parser is not self else ()
+            )
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{hints}")
+        return parsed
+
+    def _chosen_subparser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(parsed, action.dest, None) or "")
+                if chosen is not None:
+                    return chosen._chosen_subparser(parsed) if isinstance(chosen, Parser) else chosen
+        return self
+
+    def error(self, message: str):
+        if message.startswith("the following arguments are required"):
+            # an option mistyped, e.g. --ouput for the required --output: say so beside the missing one
+            unknown = _unknown_options(self, self._tokens)
+            if unknown:
+                message += f"; unrecognized arguments: {' '.join(unknown)}{_option_hints(self, unknown)}"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hf-residual",
         description=(
             "Instruction residuals (Jindal et al. 2024): R = instruct - base, added to a continually "

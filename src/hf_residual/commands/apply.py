@@ -17,6 +17,7 @@ from hf_residual.commands._common import (
     print_publication,
     publish_kwargs,
 )
+from hf_residual.commands._json import add_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,12 +47,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_force(parser)
     add_quiet(parser)
     add_publish(parser, "ported model")
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+
     from hf_residual import api
 
+    started = time.perf_counter()
     result = api.apply(
         args.residual,
         args.to,
@@ -65,9 +70,14 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **publish_kwargs(args),
     )
+    if args.json:
+        from hf_residual.commands._json import emit, written
+
+        emit(written("apply", result, time.perf_counter() - started))
+        return 0
     print(
         f"wrote model {output_label(result)}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
-        f"alpha {result.details['alpha']}"
+        f"alpha {result.details['alpha']}, |target - base| / |base| = {result.details['distance']:.4f}"
     )
     print_publication(result.details)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hf_residual.commands._json import add_json
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -24,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="MODEL",
         help="model the deltas are measured against (default: the first column)",
     )
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
@@ -31,6 +34,22 @@ def run(args: argparse.Namespace) -> int:
     from hf_residual.evaluation.compare import compare
 
     report = compare(args.results, args.output, reference=args.reference)
+    if args.json:
+        from pathlib import Path
+
+        from hf_residual.commands._json import emit
+        from hf_residual.evaluation.table import delta_values, to_dict
+
+        emit(
+            {
+                "command": "compare",
+                "report_dir": Path(args.output).absolute(),
+                "files": [Path(p).absolute() for p in report.files],
+                "table": to_dict(report.table),
+                "deltas": delta_values(report.table, args.reference),
+            }
+        )
+        return 0
     print(report.markdown.split("## Deltas")[0].split("\n", 2)[2].rstrip())
     if report.deltas:
         print("\n" + report.deltas.rstrip())

@@ -24,10 +24,22 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--start 2023-12-01 --end 2024-09-30 --language en -o news"
         ),
     )
-    parser.add_argument("--source", choices=["live", "cc-news", "html"], default="cc-news")
+    parser.add_argument(
+        "--source",
+        choices=["live", "cc-news", "html"],
+        default="cc-news",
+        help="where articles come from: cc-news (default; Common Crawl's news WARC files, or a mirror with "
+        "--server), live (crawl the publishers' sites now), html (saved pages in --html-folder)",
+    )
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to save the corpus to")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    parser.add_argument("--format", choices=["arrow", "parquet"], default="arrow")
+    parser.add_argument(
+        "--format",
+        choices=["arrow", "parquet"],
+        default="arrow",
+        help="how the datasets folder is saved: arrow (default; datasets' save_to_disk, load_from_disk "
+        "reads it) or parquet (one corpus.parquet file)",
+    )
     parser.add_argument("--publishers", type=_list, metavar="LIST", help="e.g. us.APNews,de.DieZeit")
     parser.add_argument("--countries", type=_list, metavar="LIST", help="Fundus country codes, e.g. us,uk")
     parser.add_argument("--start", metavar="DATE", help="earliest publishing date kept (YYYY-MM-DD, UTC)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hf_residual.commands._common import MODEL_HELP, add_token
+from hf_residual.commands._json import add_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,30 +53,54 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="K=V,...",
         help="override generation settings of generate_until tasks, lm-eval syntax (e.g. max_gen_toks=256)",
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show lm-eval's own messages and logs (on stderr); by default only hf-residual's progress, "
+        "progress bars and results are shown",
+    )
     add_token(parser)
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+    import time
+
+    from hf_residual.evaluation.quiet import lm_eval_output
     from hf_residual.evaluation.runner import evaluate
     from hf_residual.evaluation.suites import from_task_list, load_suite
     from hf_residual.evaluation.table import build_table, to_markdown
 
+    started = time.perf_counter()
     suite = load_suite(args.suite) if args.suite else from_task_list(args.tasks)
     batch = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
-    result = evaluate(
-        args.models,
-        suite,
-        args.output,
-        limit=args.limit,
-        batch_size=batch,
-        device=args.device,
-        backend=args.backend,
-        chat_template=args.chat_template,
-        gen_kwargs=args.gen_kwargs,
-        token=args.token,
-        log=print,
-    )
+    screen = sys.stderr if args.json else sys.stdout  # our progress lines; lm-eval's are held back below
+
+    def log(line: str) -> None:
+        print(line, file=screen, flush=True)
+
+    with lm_eval_output(verbose=args.verbose):
+        result = evaluate(
+            args.models,
+            suite,
+            args.output,
+            limit=args.limit,
+            batch_size=batch,
+            device=args.device,
+            backend=args.backend,
+            chat_template=args.chat_template,
+            gen_kwargs=args.gen_kwargs,
+            token=args.token,
+            log=log,
+        )
+    if args.json:
+        from hf_residual.commands._json import emit, eval_json
+
+        emit(eval_json(result, suite, time.perf_counter() - started))
+        return 0
     reused = sum(r.reused for r in result.runs)
     print(f"results in {result.results_dir}: {len(result.runs) - reused} run, {reused} reused")
     print(to_markdown(build_table([result.results_dir])), end="")

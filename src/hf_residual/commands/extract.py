@@ -17,6 +17,7 @@ from hf_residual.commands._common import (
     print_publication,
     publish_kwargs,
 )
+from hf_residual.commands._json import add_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,12 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_codec(parser)
     add_quiet(parser)
     add_publish(parser, "residual")
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+
     from hf_residual import api
 
+    started = time.perf_counter()
     result = api.extract(
         args.instruct,
         args.base,
@@ -69,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **publish_kwargs(args),
     )
+    if args.json:
+        from hf_residual.commands._json import emit, residual_models, written
+
+        seconds = time.perf_counter() - started
+        emit(written("extract", result, seconds, models=residual_models(result.output)))
+        return 0
     print_base(result.details)
     if print_fidelity(result):
         print_publication(result.details)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hf_residual.commands._common import MODEL_HELP, add_token, human_bytes
+from hf_residual.commands._json import add_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,14 +19,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--revision", metavar="REV", help="Hub branch, tag or commit (for every PATH; or PATH@REV each)"
     )
     add_token(parser)
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from hf_residual import api
 
-    for path in args.paths:
-        summary = api.inspect(path, revision=args.revision, token=args.token)
+    summaries = [api.inspect(path, revision=args.revision, token=args.token) for path in args.paths]
+    if args.json:
+        from hf_residual.commands._json import emit, summary_json
+
+        emit(
+            {
+                "command": "inspect",
+                "items": [summary_json(ref, s) for ref, s in zip(args.paths, summaries, strict=True)],
+            }
+        )
+        return 0
+    for summary in summaries:
         dtypes = ", ".join(f"{d}: {n:,} params" for d, n in sorted(summary.dtypes.items()))
         print(f"{summary.path} [{summary.kind}, {summary.model_type or 'unknown architecture'}]")
         print(f"  {summary.tensors} tensors, {human_bytes(summary.bytes)}; {dtypes}")

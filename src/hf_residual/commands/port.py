@@ -18,6 +18,7 @@ from hf_residual.commands._common import (
     print_publication,
     publish_kwargs,
 )
+from hf_residual.commands._json import add_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,12 +58,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_force(parser)
     add_quiet(parser)
     add_publish(parser, "ported model")
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+
     from hf_residual import api
 
+    started = time.perf_counter()
     result = api.port(
         args.source,
         args.to,
@@ -78,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **publish_kwargs(args),
     )
+    if args.json:
+        from hf_residual.commands._json import emit, written
+
+        emit(written("port", result, time.perf_counter() - started))
+        return 0
     print_base(result.details)
     print(
         f"wrote model {output_label(result)}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "

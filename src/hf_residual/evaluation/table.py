@@ -18,6 +18,26 @@ from hf_residual.evaluation.suites import CATEGORIES, OTHER
 SKIP_KEYS = {"name", "alias", "sample_len", " "}
 LIMITED = "†"
 
+# What the short metric names of the suites mean: IFEval's four as in Jindal et al. 2024 (Section 4) and
+# Zhou et al. 2023, the others as lm-eval computes them; lm-eval's own names (``--tasks``) alike.
+METRIC_LEGEND = {
+    "ILL_acc": "instruction-level loose accuracy (% of single instructions followed)",
+    "ILS_acc": "instruction-level strict accuracy (% of single instructions followed)",
+    "PLL_acc": "prompt-level loose accuracy (% of prompts with every instruction followed)",
+    "PLS_acc": "prompt-level strict accuracy (% of prompts with every instruction followed)",
+    "EM": "exact match of the answer extracted from the response",
+    "strict-EM": "exact match only with the answer in the required format",
+    "acc_n": "accuracy with log-likelihoods normalised by answer length",
+}
+METRIC_LEGEND |= {
+    "inst_level_loose_acc": METRIC_LEGEND["ILL_acc"],
+    "inst_level_strict_acc": METRIC_LEGEND["ILS_acc"],
+    "prompt_level_loose_acc": METRIC_LEGEND["PLL_acc"],
+    "prompt_level_strict_acc": METRIC_LEGEND["PLS_acc"],
+    "acc_norm": METRIC_LEGEND["acc_n"],
+}
+LOOSE_NOTE = "strict checks the response as is, loose also with markdown or its first or last line removed"
+
 
 @dataclass(frozen=True)
 class Row:
@@ -144,7 +164,26 @@ def limit_note(table: Table) -> str:
         return ""
     return (
         f"{LIMITED} limited run: --limit {', '.join(map(str, limits))} "
-        f"({' or '.join(map(str, limits))} examples per task); not comparable to full runs."
+        f"({' or '.join(map(str, limits))} example{'s' if limits != [1] else ''} per task); not comparable to "
+        "full runs."
+    )
+
+
+def legend(table: Table) -> dict[str, str]:
+    """The meaning of each abbreviated metric of the table, in row order."""
+    return {r.metric: METRIC_LEGEND[r.metric] for r in table.rows if r.metric in METRIC_LEGEND}
+
+
+def legend_line(table: Table) -> str:
+    """One line explaining the table's abbreviated metrics ("" when it has none)."""
+    found = legend(table)
+    if not found:
+        return ""
+    loose = any("loose" in meaning for meaning in found.values())
+    return (
+        "Metrics: "
+        + "; ".join(f"{metric} = {meaning}" for metric, meaning in found.items())
+        + (f"; {LOOSE_NOTE}." if loose else ".")
     )
 
 
@@ -166,8 +205,54 @@ def to_markdown(table: Table) -> str:
         lines.append(f"| *{category.capitalize()}* | *sub-average* | " + " | ".join(averages) + " |")
     overall = _cells([table.average(m) for m in table.models], [table.limited(m) for m in table.models])
     lines.append("| **Overall** | **average** | " + " | ".join(overall) + " |")
-    note = limit_note(table)
-    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
+    notes = [line for line in (legend_line(table), limit_note(table)) if line]
+    return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)
+
+
+def to_dict(table: Table) -> dict:
+    """The table as plain data (``--json``): rows with their values per model in percent, the ``--limit``
+    of limited values, averages per category and overall, and the legend of the metric names."""
+    return {
+        "models": [
+            {"label": m, "sha": table.shas.get(m), "repo_id": table.repo_ids.get(m)} for m in table.models
+        ],
+        "rows": [
+            {
+                "category": row.category,
+                "benchmark": row.benchmark,
+                "metric": row.metric,
+                "task": row.task,
+                "key": row.key,
+                "values": {m: v for m in table.models if (v := table.value(row, m)) is not None},
+                "limits": {m: n for m in table.models if (n := table.limit(row, m)) is not None},
+            }
+            for row in table.rows
+        ],
+        "averages": {
+            m: {c or "overall": table.average(m, c) for c in (*table.categories(), None)}
+            for m in table.models
+        },
+        "limited": bool(table.limit_values()),
+        "legend": legend(table),
+    }
+
+
+def delta_values(table: Table, reference: str | None = None) -> list[dict]:
+    """What ``deltas`` says, as data: each model minus ``reference`` (default: the first column), in points,
+    per category and overall."""
+    reference = reference or (table.models[0] if table.models else None)
+    if reference is not None and reference not in table.models:
+        raise ConfigError(f"--reference {reference!r}: not a model of the table ({', '.join(table.models)})")
+    found = []
+    for model in (m for m in table.models if m != reference):
+        differences = {}
+        for category in (*table.categories(), None):
+            a, b = table.average(model, category), table.average(reference, category)
+            if a is not None and b is not None:
+                differences[category or "overall"] = a - b
+        limited = table.limited(model) or table.limited(reference)
+        found.append({"model": model, "reference": reference, "averages": differences, "limited": limited})
+    return found
 
 
 def deltas(table: Table, reference: str | None = None, top: int = 3) -> str:
