@@ -113,6 +113,8 @@ def test_port_failure_is_logged_not_raised(setup, tmp_path):
     result = run_cpt(config)
     assert result.global_step == 2 and result.ported == []
     assert [step for step, _ in result.port_failures] == [2]
+    message = result.port_failures[0][1]
+    assert str(tmp_path / "no") in message, message  # names the residual that could not be used
 
 
 def test_resume_from_checkpoint_via_cli(setup, tmp_path, capsys):

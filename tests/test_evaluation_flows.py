@@ -78,6 +78,12 @@ def test_compare_and_card_from_real_results(evaluated, tmp_path, capsys, llama):
         "hf-residual/hfr_mc_offline",
     }
     assert "limited to 2 examples per task" in loaded.text
+    scores = []
+    for path in sorted((results / "instruct").glob("*.json")):
+        record = json.loads(path.read_text())
+        values = record["lm_eval"]["results"][record["task"]["task"]]
+        scores += [round(100 * values[key], 2) for key in record["task"]["metrics"]]
+    assert sorted(e.metric_value for e in loaded.data.eval_results) == sorted(scores)  # the instruct model's
     assert not (out / ".eval_results").exists()  # no Hub benchmark among the offline tasks
 
 
