@@ -265,14 +265,17 @@ def test_a_wrong_target_is_refused_before_the_residual_is_decoded(
     monkeypatch.setattr(folders, "decode_folder", no_decoding)
     if wrong == "architecture":
         target, expected = families("qwen2", "bfloat16").cpt, IncompatibleModelsError
+        message = "the target is a 'qwen2' model .* but the residual's base is a 'llama' model"
     else:
         target, expected = tmp_path / "stranger", NotADescendantError
+        message = "does not look like a descendant of the base"
         model = load_tensors(llama.cpt)
         noise = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in model.items()}
         shutil.copytree(llama.cpt, target)
         for file in target.glob("*.safetensors*"):
             file.unlink()
         save_file(noise, target / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(expected):
+    with pytest.raises(expected, match=message) as refused:
         api.apply(lowrank, target, tmp_path / "out", progress=False)
+    assert type(refused.value) is expected  # NotADescendantError is an IncompatibleModelsError too
     assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import bits, load_tensors, reference_port
+from safetensors.torch import load_file
 
 from hf_residual import api
 from hf_residual.toy import ARCHITECTURES
@@ -143,3 +144,7 @@ def test_sharded_output_has_index_and_loads(families, tmp_path):
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert set(index["weight_map"]) == set(load_tensors(family.cpt))
+    out, t, i, b = (load_tensors(p) for p in (tmp_path / "out", family.cpt, family.instruct, family.base))
+    for name, shard in index["weight_map"].items():  # each tensor in the shard the index names, exact
+        assert name in load_file(tmp_path / "out" / shard), name
+        assert torch.equal(bits(out[name]), bits(reference_port(t[name], i[name], b[name], 1.0))), name
