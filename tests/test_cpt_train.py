@@ -97,6 +97,8 @@ def test_training_lowers_loss_and_callbacks_port_and_log(setup, tmp_path):
 
     drift = [e for e in result.log_history if "drift/raw/all" in e]
     assert len(drift) == 2 and all("drift/ported/all" in e and "drift/raw/upper" in e for e in drift)
+    scores = [v for e in drift for k, v in e.items() if k.startswith("drift/")]
+    assert len(scores) >= 12 and all(0.0 <= v <= 1.0 for v in scores)  # shares of replies passing a check
 
 
 def test_port_failure_is_logged_not_raised(setup, tmp_path):
