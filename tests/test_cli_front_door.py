@@ -291,3 +291,23 @@ def test_metric_names_are_explained_in_tables_reports_and_cards(tmp_path, capsys
     for text in (shown, report, card):
         for phrase in explained:
             assert phrase in text, phrase
+
+
+def test_card_of_a_model_without_a_card_shows_no_empty_metadata_notice(tmp_path, capfd):
+    model = tmp_path / "L3i"
+    model.mkdir()  # no README.md: huggingface_hub logs that the card has no metadata block
+    results = write_paper_results(tmp_path / "results", refs={"L3i": str(model)})
+    assert main(["card", str(model), "--results", str(results)]) == 0
+    out, err = capfd.readouterr()
+    assert "card of " in out and (model / "README.md").is_file()
+    assert "metadata block was not found" not in out + err
+
+
+def test_a_failure_with_json_is_a_json_object_too(llama, tmp_path, capsys):
+    argv = ["port", str(llama.instruct), "--base", str(llama.base), "--to", str(tmp_path / "missing")]
+    code = main([*argv, "-o", str(tmp_path / "out"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "error: " in err  # the message on stderr as without --json
+    failure = json.loads(out)
+    assert failure["command"] == "port" and failure["error"]["exit_code"] == code
+    assert failure["error"]["type"] == "InputNotFoundError" and "missing" in failure["error"]["message"]

@@ -167,10 +167,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
+        _json_error(args, type(error).__name__, str(error), error.exit_code)
         return error.exit_code
     except KeyboardInterrupt as interruption:
         print("interrupted: nothing was published and no finished-looking output was left", file=sys.stderr)
-        return 143 if isinstance(interruption, Terminated) else 130
+        code = 143 if isinstance(interruption, Terminated) else 130
+        _json_error(args, "Interrupted", "interrupted: nothing was published", code)
+        return code
+
+
+def _json_error(args: argparse.Namespace, kind: str, message: str, exit_code: int) -> None:
+    """With --json, a failure is a JSON object on stdout too, so a script reads one object either way."""
+    if getattr(args, "json", False):
+        from hf_residual.commands._json import emit
+
+        emit({"command": args.command, "error": {"type": kind, "message": message, "exit_code": exit_code}})
 
 
 if __name__ == "__main__":

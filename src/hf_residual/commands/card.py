@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from hf_residual.commands._common import MODEL_HELP, add_token
 
@@ -39,18 +40,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+class _NoEmptyMetadataNotice(logging.Filter):
+    """huggingface_hub logs that a card without a metadata block gets empty metadata: the card command is
+    about to write that block, so there is nothing for the user to do about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Repo card metadata block was not found")
+
+
 def run(args: argparse.Namespace) -> int:
     from hf_residual.evaluation.card import write_card
 
-    update = write_card(
-        args.model,
-        args.results,
-        output=args.output,
-        push=args.push or args.create_pr,
-        create_pr=args.create_pr,
-        skill_tasks=[t for t in args.skill_tasks.split(",") if t],
-        token=args.token,
-    )
+    notice = _NoEmptyMetadataNotice()
+    logger = logging.getLogger("huggingface_hub.repocard")
+    logger.addFilter(notice)
+    try:
+        update = write_card(
+            args.model,
+            args.results,
+            output=args.output,
+            push=args.push or args.create_pr,
+            create_pr=args.create_pr,
+            skill_tasks=[t for t in args.skill_tasks.split(",") if t],
+            token=args.token,
+        )
+    finally:
+        logger.removeFilter(notice)
     print(f"card of {args.model}: {len(update.results)} model-index result(s) from {update.model_label}")
     if update.not_measured:
         print("note: derived model; the card says its own skill was not measured (see --skill-tasks)")
