@@ -111,9 +111,12 @@ def test_inspect_json(llama, residual, capsys):
     assert first["residual"]["codec"] == "bfloat16" and first["residual"]["base"]["name"] == "base"
     assert "layer 0" in first["layer_norms"] and all(v >= 0 for v in first["layer_norms"].values())
     assert second["residual"] is None and second["layer_norms"] == {}
+    assert first["repo_id"] is None and first["revision"] is None  # local folders
 
 
-def test_extract_json_records_the_pinned_shas_of_hub_models(hub, llama, tmp_path, monkeypatch, capsys):
+def test_extract_and_inspect_json_record_the_pinned_shas_of_hub_models(
+    hub, llama, tmp_path, monkeypatch, capsys
+):
     from huggingface_hub import HfApi
 
     hub.add_token(TOKEN, "tester", {"org"})
@@ -125,6 +128,9 @@ def test_extract_json_records_the_pinned_shas_of_hub_models(hub, llama, tmp_path
         identity = data["models"][role]
         assert identity["repo_id"] == ids[role]
         assert identity["revision"] == HfApi().model_info(ids[role], revision="main").sha
+    (item,) = run_json(["inspect", ids["cpt"]], capsys)["items"]
+    assert item["repo_id"] == ids["cpt"] and item["ref"] == ids["cpt"] and item["kind"] == "model"
+    assert item["revision"] == HfApi().model_info(ids["cpt"], revision="main").sha
 
 
 def test_compare_json(tmp_path, capsys):

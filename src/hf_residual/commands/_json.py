@@ -99,9 +99,12 @@ def summary_json(ref: str, summary) -> dict:
             "codec": manifest.codec_params.get("spec", manifest.codec),
             "lossless": manifest.lossless,
         }
+    repo_id, revision = hub_snapshot(Path(summary.path))
     return {
         "ref": ref,
         "path": Path(summary.path).absolute(),
+        "repo_id": repo_id,
+        "revision": revision,
         "kind": summary.kind,
         "model_type": summary.model_type,
         "tensors": summary.tensors,
@@ -146,3 +149,12 @@ def eval_json(run, suite, seconds: float) -> dict:
         "table": to_dict(build_table([run.results_dir])),
         "seconds": round(seconds, 3),
     }
+
+
+def hub_snapshot(path: Path) -> tuple[str | None, str | None]:
+    """(repo id, commit sha) of a folder in the Hugging Face cache (``models--org--name/snapshots/<sha>``,
+    where Hub models are resolved to), else (None, None) for a local folder."""
+    parts = path.absolute().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/"), parts[-1]
+    return None, None
