@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -398,6 +399,10 @@ class DefaultSpace:
             )
         self.started = time.monotonic()
 
+    def client(self) -> gradio_client.Client:
+        """A client that waits for a server slowed down by the training thread (and a busy machine)."""
+        return gradio_client.Client(self.url, verbose=False, httpx_kwargs={"timeout": 120})
+
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
@@ -460,19 +465,28 @@ def wait_for_results(client, timeout: float = 400):
 def test_default_mode_says_it_trains_then_shows_the_results_and_the_figure(default_space):
     """No configuration, HOME outside the temp dir and the repository: the console and the page say that the
     tiny family is training; then the Results tab shows its table and its figure (read from ``~/.cache``)."""
-    client = gradio_client.Client(default_space.url, verbose=False)
+    client = default_space.client()
     results_file = default_space.cache / "demo-tiny" / "results.json"
     if not results_file.is_file():  # still training (about 20 s or more): the page says so
         note, table, plot = client.predict(api_name="/results")
         text = _value(note)
         assert results_file.is_file() or "not ready yet" in text, text  # (or it just finished)
         assert results_file.is_file() or "Training the tiny family" in text, text
+        try:  # a chat turn meanwhile is a clear error (no models yet)
+            _chat(client, "hi", ["instruct"], max_new_tokens=2)
+        except Exception as error:
+            assert "Training the tiny family" in str(error), error
+        else:
+            assert results_file.is_file(), "a chat turn worked before the models were ready"
     note, table, plot = wait_for_results(client)
     output = default_space.output()
     assert "training the tiny family" in output and "first start" in output, output
     assert "is ready" in output, output
     assert output.index("training the tiny family") < output.index("is ready")
-    assert "Traceback" not in output, output
+    # No error but the chat turn refused above (gradio logs its traceback): no InvalidPathError, no failed start.
+    errors = [line for line in output.splitlines() if re.match(r"[\w.]+(Error|Exception): ", line)]
+    assert all(line.startswith("gradio.exceptions.Error: ") for line in errors), output
+    assert "InvalidPathError" not in output and "could not prepare" not in output, output
 
     figure = default_space.cache / "demo-tiny" / "figure.png"
     assert "results.json" in _value(note) and str(figure) in _value(note)
@@ -487,7 +501,7 @@ def test_default_mode_says_it_trains_then_shows_the_results_and_the_figure(defau
 def test_default_config_is_the_demo_tiny_family_and_its_models_chat(default_space, monkeypatch):
     """No configuration: the demo's tiny family (trained once into the cache by the default-mode app) is
     shown with its roles, and its models chat; a second start reuses it and says so."""
-    wait_for_results(gradio_client.Client(default_space.url, verbose=False))  # trained, so not trained twice
+    wait_for_results(default_space.client())  # trained, so not trained twice
     monkeypatch.setenv(rs.CACHE_ENV, str(default_space.cache))
     monkeypatch.delenv(rs.CONFIG_ENV, raising=False)
     lines: list[str] = []

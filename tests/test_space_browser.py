@@ -104,22 +104,27 @@ def test_default_mode_shows_its_status_and_the_results_figure(default_space, tmp
     """No configuration, HOME outside the temp directory and the repository: the status line says what the
     start-up does (training on a first start, then ready), and the Results tab shows the demo's figure."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
-    import gradio_client
-
     shot = tmp_path / "results.png"
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             trained = (default_space.cache / "demo-tiny" / "results.json").is_file()
-            page.goto(default_space.url)
+            page.goto(default_space.url, timeout=120_000)
             status = page.locator("#status")
-            status.wait_for()
+            status.wait_for(timeout=120_000)
             if not trained:  # a first start: the page says it trains (unless it just finished)
                 text = status.inner_text()
                 assert "Training the tiny family" in text or "Models ready" in text, text
-            wait_for_results(gradio_client.Client(default_space.url, verbose=False))
+            wait_for_results(default_space.client())
             status.get_by_text("Models ready").wait_for(timeout=30_000)
+            # The pickers, empty while the models were prepared, now show the demo's models.
+            page.wait_for_function(
+                "() => document.querySelector('#chat-1 [data-testid=block-label]').innerText"
+                ".includes('instruct (instruct)')",
+                timeout=30_000,
+            )
+            assert page.locator("#model-3 input").input_value() == "ported-S"
             page.get_by_role("tab", name="Results").click()
             page.wait_for_function(
                 "() => { const i = document.querySelector('#results-plot img');"
