@@ -322,6 +322,24 @@ def test_results_tab_shows_the_table_and_a_plot(space, tmp_path, monkeypatch):
     assert image and Path(image if isinstance(image, str) else image["path"]).stat().st_size > 1000
 
 
+def test_startup_in_the_background_reports_its_progress_and_failure(monkeypatch):
+    """The default mode's start-up thread: its latest log line is the page's status; a failure is shown."""
+    lines: list[str] = []
+
+    def fails(log):
+        log("hf-residual Space: training the tiny family ...")
+        raise rs.ConfigError("no space left on device")
+
+    monkeypatch.setattr(rs, "load_config", fails)
+    startup = rs.Startup(log=lines.append).start()
+    assert not startup.wait(timeout=30) and startup.done and not startup.ready
+    assert startup.status() == "**Could not prepare the models**: ConfigError: no space left on device"
+    assert lines == [
+        "hf-residual Space: training the tiny family ...",
+        "hf-residual Space: could not prepare the models: ConfigError: no space left on device",
+    ]
+
+
 def test_a_tqdm_bar_made_before_the_app_still_closes(tmp_path):
     """gradio's tqdm tracking (the Port tab's progress) patches tqdm for the whole process; a bar made before
     the app (here; in the Space, by the start-up thread) must still close and be collected without error."""

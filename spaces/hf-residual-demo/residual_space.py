@@ -223,8 +223,8 @@ class Startup:
     def _prepare(self) -> None:
         try:
             config = load_config(log=self.log)
-            self.store = ModelStore(config)
             self.config = config
+            self.store = ModelStore(config)  # last: ``ready`` from here on
         except Exception as error:  # shown on the page and in the log; the server stays up to show it
             self.error = f"{type(error).__name__}: {error}"
             self.log(f"hf-residual Space: could not prepare the models: {self.error}")
