@@ -43,18 +43,27 @@ class Schedule:
 
 @dataclass(frozen=True)
 class PortSpec:
-    """``ResidualPortCallback`` settings."""
+    """``ResidualPortCallback`` settings; ``keep_ported`` None follows ``save_total_limit``."""
 
     residual: str
     alpha: float = 1.0
     push_to: str | None = None
     base: str | None = None
     force: bool = False
+    keep_ported: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep_ported is not None and self.keep_ported < 1:
+            raise ConfigError(f"residual_port.keep_ported must be at least 1, got {self.keep_ported}")
 
 
 @dataclass(frozen=True)
 class DriftSpec:
-    """``InstructionDriftCallback`` settings; ``residual`` None scores the raw model only."""
+    """``InstructionDriftCallback`` settings; ``residual`` None scores the raw model only.
+
+    Under several processes the checks run in the background port of every checkpoint instead, on
+    ``device`` (default ``cpu``; e.g. ``cuda:0`` when the GPU has room beside training).
+    """
 
     prompts: list[str] | None = None
     checks: list[str] | None = None
@@ -63,6 +72,7 @@ class DriftSpec:
     base: str | None = None
     force: bool = False
     max_new_tokens: int = 24
+    device: str | None = None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class CPTResult:
     log_history: list[dict] = field(default_factory=list)
     ported: list[Path] = field(default_factory=list)
     port_failures: list[tuple[int, str]] = field(default_factory=list)
+    port_overhead: list[tuple[int, float]] = field(default_factory=list)  # (step, s) of each on_save
     rows: int = 0
 
 
@@ -58,14 +59,35 @@ def build_dataset(config: CPTConfig, tokenizer):
     return rows, None
 
 
-def _callbacks(config: CPTConfig) -> list:
+def _callbacks(config: CPTConfig, world_size: int = 1) -> list:
+    """The configured callbacks. Under several processes the drift checks run in the background port of
+    each checkpoint (with the port's residual, or a drift-only port when no ``residual_port`` is set)."""
     from hf_residual.cpt.callbacks import InstructionDriftCallback, ResidualPortCallback
 
     callbacks = []
+    d = config.instruction_drift
+    background_drift = d is not None and world_size > 1 and d.residual is not None
+    drift = (
+        {"prompts": d.prompts, "checks": d.checks, "max_new_tokens": d.max_new_tokens, "device": d.device}
+        if background_drift
+        else None
+    )
     if config.residual_port is not None:
         p = config.residual_port
-        callbacks.append(ResidualPortCallback(p.residual, p.alpha, p.push_to, base=p.base, force=p.force))
-    if config.instruction_drift is not None:
+        callbacks.append(
+            ResidualPortCallback(
+                p.residual, p.alpha, p.push_to, base=p.base, force=p.force, keep_ported=p.keep_ported,
+                drift=drift, wait_on_train_end=False,
+            )
+        )  # fmt: skip
+    elif background_drift:
+        callbacks.append(
+            ResidualPortCallback(
+                d.residual, d.alpha, base=d.base, force=d.force, drift=drift, write_ported=False,
+                wait_on_train_end=False,
+            )
+        )  # fmt: skip
+    if d is not None and not background_drift:
         d = config.instruction_drift
         callbacks.append(
             InstructionDriftCallback(
@@ -121,8 +143,12 @@ def _resume(config: CPTConfig) -> str | bool | None:
     return resume or None
 
 
-def run_cpt(config: CPTConfig | dict | str | Path) -> CPTResult:
-    """Continually pre-train ``config.model`` on the packed corpus; returns what happened."""
+def run_cpt(config: CPTConfig | dict | str | Path, callbacks: list | None = None) -> CPTResult:
+    """Continually pre-train ``config.model`` on the packed corpus; returns what happened.
+
+    ``callbacks``: further ``TrainerCallback``s. The background ports are waited for after the final
+    save, on the main process, so no rank waits on them inside a collective.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
@@ -134,24 +160,26 @@ def run_cpt(config: CPTConfig | dict | str | Path) -> CPTResult:
         config.model, dtype=getattr(torch, config.dtype), attn_implementation=config.attn_implementation
     )
     packing.prepare_model(model)
-    callbacks = _callbacks(config)
+    args = training_arguments(config)
+    own = _callbacks(config, args.world_size)
     trainer = Trainer(
         model=model,
-        args=training_arguments(config),
+        args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         data_collator=packing.packing_collator(tokenizer),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=own + list(callbacks or []),
     )
-    for callback in callbacks:
-        if hasattr(callback, "attach"):
-            callback.attach(trainer)
+    for callback in own:
+        callback.attach(trainer)
     output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
+    porters = [c for c in own if hasattr(c, "ported")]
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
-    porters = [c for c in callbacks if hasattr(c, "ported")]
+        for porter in porters:
+            porter.finish(trainer)
     return CPTResult(
         output_dir=Path(config.output_dir),
         global_step=trainer.state.global_step,
@@ -159,5 +187,6 @@ def run_cpt(config: CPTConfig | dict | str | Path) -> CPTResult:
         log_history=list(trainer.state.log_history),
         ported=[p for c in porters for p in c.ported],
         port_failures=[f for c in porters for f in c.failures],
+        port_overhead=[o for c in porters for o in c.overhead],
         rows=len(train_rows),
     )
