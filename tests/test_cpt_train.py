@@ -170,7 +170,8 @@ def test_documented_configs_load(tmp_path):
     cluster = ClusterConfig.from_yaml_file(str(tmp_path / "fsdp.yaml"))
     assert (
         cluster.distributed_type == "FSDP"
-        and cluster.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        and cluster.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+        and cluster.fsdp_config["fsdp_version"] == 2
     )
 
 
