@@ -3,10 +3,17 @@
 Downloads go to the normal Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``) with huggingface_hub's
 progress bars, so a re-run after a broken download resumes from what is already cached. A repo with only
 pickled weights is refused after listing its files, before anything large is downloaded.
+
+Which weight files are fetched follows ``checkpoint.select_weight_files``, the rule a local folder is read
+with: the ``*.safetensors.index.json`` first (only the shards it names), then ``model.safetensors``, then
+variants in name order. Other namings beside them (Mistral's ``consolidated.safetensors``, Llama's
+``original/*.pth``, ``model.fp16.safetensors``) are neither downloaded nor read, and never make a repo refused.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -14,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hf_residual.assets import GENERATION_CONFIG, INSTRUCT_CONFIG, TOKENIZER_FILES, TOKENIZER_FOLDERS
-from hf_residual.errors import PickledWeightsError
+from hf_residual.checkpoint import PICKLE_SUFFIXES, WeightSelection, select_weight_files
+from hf_residual.errors import CorruptCheckpointError, PickledWeightsError
 from hf_residual.hub import (
     LOGIN_HINT,
     GatedRepoError,
@@ -26,7 +34,7 @@ from hf_residual.hub import (
 from hf_residual.manifest import MANIFEST_NAME, WEIGHTS_PREFIX, ModelIdentity
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+LOG = logging.getLogger(__name__)
 SMALL_FILES = (
     "config.json",
     GENERATION_CONFIG,
@@ -105,27 +113,45 @@ def _repo_exists_at_main(repo_id: str, token: str | None) -> bool:
         return False
 
 
-def weight_files(files: list[str]) -> list[str]:
-    """The safetensors files (and index) a job reads, following the same prefixes as ``checkpoint``."""
-    top = [f for f in files if "/" not in f]
-    prefix = WEIGHTS_PREFIX if MANIFEST_NAME in top else "model"
-    chosen = [
-        f for f in top if f.startswith(prefix) and f.endswith((".safetensors", ".safetensors.index.json"))
-    ]
-    if not chosen:
-        chosen = [f for f in top if f.endswith((".safetensors", ".safetensors.index.json"))]
-    return chosen
+def weight_prefix(files: list[str]) -> str:
+    """``residual`` for a residual repo (it holds the manifest), else ``model``."""
+    return WEIGHTS_PREFIX if MANIFEST_NAME in files else "model"
 
 
-def needed_files(files: list[str]) -> list[str]:
-    """Weights plus config, generation config, tokenizer, chat templates, manifest and card."""
+def select_weights(
+    repo_id: str, sha: str, files: list[str], role: str, *, token: str | None = None
+) -> WeightSelection:
+    """``checkpoint.select_weight_files`` on the repo's listing; an index it picks is downloaded (small)."""
+    from huggingface_hub import hf_hub_download
+
+    def read_index(name: str) -> dict:
+        with hub_errors(repo_id, sha, role, token=token):
+            path = Path(hf_hub_download(repo_id, name, revision=sha, token=token))
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CorruptCheckpointError(f"{role} {repo_id}: {name} is not a valid index ({error})") from None
+
+    selection = select_weight_files(files, weight_prefix(files), read_index)
+    missing = [f for f in selection.files if f not in files]
+    if missing:
+        raise HubFileNotFoundError(
+            f"{role} {repo_id}: {selection.index} names shard(s) the repo does not hold: {', '.join(missing[:3])}"
+        )
+    return selection
+
+
+def needed_files(files: list[str], selection: WeightSelection) -> list[str]:
+    """The chosen weights (and their index) plus config, generation config, tokenizer, chat templates,
+    manifest and card; never pickles, never other weight variants, never subfolders such as ``original/``."""
     small = [f for f in files if f in SMALL_FILES or f.split("/")[0] in TOKENIZER_FOLDERS]
-    return sorted(set(weight_files(files)) | set(small))
+    weights = [*selection.files, *([selection.index] if selection.index else [])]
+    return sorted(set(weights) | set(small))
 
 
-def check_weights(repo_id: str, files: list[str], role: str) -> None:
-    """Refuse before downloading when there are no safetensors weights."""
-    if any(f.endswith(".safetensors") for f in weight_files(files)):
+def check_weights(repo_id: str, files: list[str], selection: WeightSelection, role: str) -> None:
+    """Refuse before downloading when there are no safetensors weights (pickles anywhere are ignored)."""
+    if selection.files:
         return
     pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if pickled:
@@ -181,11 +207,16 @@ def resolve_repo(repo_id: str, revision: str | None, *, role: str, token: str | 
             # A revision is always passed: one request pins it, and some mirrors need it.
             info = HfApi(token=token).model_info(repo_id, revision=revision or "main")
         files = [s.rfilename for s in info.siblings or []]
-        check_weights(repo_id, files, role)
         sha = info.sha
+        selection = select_weights(repo_id, sha, files, role, token=token)
+        check_weights(repo_id, files, selection, role)
+        if selection.unused:
+            LOG.info("%s %s: downloading %s", role, repo_id, selection.describe())
         with hub_errors(repo_id, revision, role, token=token):
             path = Path(
-                snapshot_download(repo_id, revision=sha, allow_patterns=needed_files(files), token=token)
+                snapshot_download(
+                    repo_id, revision=sha, allow_patterns=needed_files(files, selection), token=token
+                )
             )
     identity = ModelIdentity(name=repo_id.rsplit("/", 1)[-1], repo_id=repo_id, revision=sha)
     return ResolvedModel(path, identity)
