@@ -22,7 +22,7 @@ from hf_residual import assets, cards, engine, hub, hub_base, hub_publish, linea
 from hf_residual.checkpoint import Checkpoint, open_checkpoint
 from hf_residual.codecs import folders as codec_folders
 from hf_residual.codecs import registry as codec_registry
-from hf_residual.errors import ConfigError, NotADescendantError
+from hf_residual.errors import ConfigError, IncompatibleModelsError, NotADescendantError
 from hf_residual.manifest import (
     CODEC_NOTES,
     CODECS,
@@ -34,6 +34,7 @@ from hf_residual.manifest import (
     read_manifest,
 )
 from hf_residual.output import check_destination, staged_output
+from hf_residual.safetensors_io import FLOAT_DTYPES
 from hf_residual.sources import ResolvedModel, resolve
 
 DTYPE_ALIASES = {
@@ -79,7 +80,8 @@ def _execute(
 
 
 def _base_samples(base: Checkpoint) -> dict[str, list[float]]:
-    return {name: lineage.sample(info) for name, info in base.tensors.items()}
+    """The lineage sample of every floating-point tensor (integer/bool buffers are not weights)."""
+    return {name: lineage.sample(info) for name, info in base.tensors.items() if info.dtype in FLOAT_DTYPES}
 
 
 def _fingerprint(samples: dict[str, list[float]]) -> str:
@@ -88,16 +90,60 @@ def _fingerprint(samples: dict[str, list[float]]) -> str:
 
 
 def _check_descendant(target: Checkpoint, base_samples: dict[str, list[float]], force: bool) -> float:
-    target_samples = {name: lineage.sample(target.tensors[name]) for name in base_samples}
-    distance = lineage.relative_distance(target_samples, base_samples)
-    if distance > lineage.MAX_RELATIVE_DISTANCE and not force:
+    """Refuse a target that does not descend from the base; return the median distance per matrix.
+
+    The target is sampled where the base was (the count of each stored sample gives the positions, so the
+    16-element samples of older manifests still work); see ``lineage`` for what is measured.
+    """
+    target_samples = {
+        name: lineage.sample(target.tensors[name], len(values)) for name, values in base_samples.items()
+    }
+    ndim = {name: len(target.tensors[name].shape) for name in base_samples}
+    distance = lineage.relative_distance(target_samples, base_samples, ndim)
+    if distance.matrices > lineage.MAX_RELATIVE_DISTANCE and not force:
         raise NotADescendantError(
-            f"the target ({target.path}) does not look like a descendant of the base: |T - B| / |B| = "
-            f"{distance:.2f} on sampled weights (descendants are usually below 0.1; the limit is "
-            f"{lineage.MAX_RELATIVE_DISTANCE}). Adding this residual would damage the model. If you are sure, "
-            "pass --force"
+            f"the target ({target.path}) does not look like a descendant of the base: {distance.describe()}. "
+            "Continued pre-training and fine-tunes stay well below 0.3; a model of the same shape trained "
+            f"apart from the base gives about 1.4; the limit is {lineage.MAX_RELATIVE_DISTANCE}. Adding this "
+            "residual would damage the model. If you are sure, pass --force"
         )
-    return distance
+    return distance.matrices
+
+
+def _check_residual_not_zero(ratio: float, force: bool, instruct: str, base: str) -> None:
+    """Refuse a residual that is zero, or far smaller than any instruction tuning gives (see ``lineage``)."""
+    if ratio >= lineage.MIN_RESIDUAL_RATIO or force:
+        return
+    measured = "all zero" if ratio == 0 else f"|R| / |B| = {ratio:.1e}"
+    raise IncompatibleModelsError(
+        f"the residual instruct - base is {measured} (RMS over tensors of each tensor's |R| / |B|; instruction "
+        f"tuning gives 1e-2 or more, the limit is {lineage.MIN_RESIDUAL_RATIO:g}): the instruct model "
+        f"({instruct}) and the base ({base}) look like the same model. Give the instruction-tuned model as the "
+        "source and the model it was tuned from as --base. If you mean it, pass --force"
+    )
+
+
+def _check_sampled_residual(
+    pairs: list[plans.PairedTensor], samples: dict[str, list[float]], force: bool
+) -> None:
+    """The zero-residual check for extract and port, on the lineage sample, before any arithmetic."""
+    if force or not pairs:
+        return
+    instruct = {p.name: lineage.sample(p.instruct, within=p.base.numel) for p in pairs}
+    ratio = lineage.residual_ratio(lineage.sample_norms(instruct, {p.name: samples[p.name] for p in pairs}))
+    _check_residual_not_zero(ratio, force, str(pairs[0].instruct.file.parent), str(pairs[0].base.file.parent))
+
+
+def _check_manifest_residual(manifest: Manifest, force: bool) -> None:
+    """The zero-residual check for apply, from the manifest's exact norms (skipped if it has none)."""
+    norms = [(e.residual_norm, e.base_norm) for e in manifest.tensors.values() if e.base_norm > 0]
+    if norms:
+        ratio = lineage.residual_ratio(norms)
+        _check_residual_not_zero(ratio, force, _ref_of(manifest.instruct), _ref_of(manifest.base))
+
+
+def _ref_of(identity: ModelIdentity) -> str:
+    return identity.repo_id or identity.name
 
 
 def _identity(
@@ -261,6 +307,7 @@ def extract(
     commit_message: str | None = None,
     dry_run: bool = False,
     token: str | None = None,
+    force: bool = False,
 ) -> Result:
     """Write the residual ``instruct - base`` to a residual folder (weights, manifest, tokenizer, card).
 
@@ -269,10 +316,11 @@ def extract(
     ``output`` may then be None (a temporary folder is used). ``dry_run`` uploads nothing.
     ``codec``: float32/bfloat16 (same as ``dtype``) or a lossy codec (``lowrank:64``, ``bitdelta``,
     ``sparse:0.1``; see docs/CODECS.md); ``probe`` (lossy codecs): measure next-token KL on the built-in
-    prompts (True) or on a file of prompts, one per line.
+    prompts (True) or on a file of prompts, one per line. ``force``: write even a residual that is zero
+    (or nearly: instruct and base look like the same model), which is otherwise refused.
     """
     push = Push(push_to, create_pr, private, commit_message, dry_run, token)
-    settings = _Settings(max_shard_size, overwrite, progress, push)
+    settings = _Settings(max_shard_size, overwrite, progress, push, force)
     dtype, lossy = _choose_codec(dtype, codec)
     with _destination(output, push) as out, hub.progress_bars(progress):
         run = _extract if lossy is None else functools.partial(_extract_encoded, lossy, probe)
@@ -303,6 +351,7 @@ def _extract(
     jobs = plans.extract_jobs(pairs, CODECS[codec])
     shards = engine.plan_shards(jobs, WEIGHTS_PREFIX, parse_size(settings.max_shard_size))
     samples = _base_samples(b_ckpt)
+    _check_sampled_residual(pairs, samples, settings.force)
     with staged_output(output, overwrite=overwrite, required_bytes=engine.total_bytes(shards)) as staging:
         stats = _execute(shards, staging, "extract", settings.progress, checksum="sha256")
         engine.write_index(staging, WEIGHTS_PREFIX, shards)
@@ -481,7 +530,8 @@ def _apply(
     plans.check_target(t_ckpt, plans.base_shapes_of_residual(r_ckpt, rows), manifest.model_type)
     base_samples = {n: e.base_sample for n, e in manifest.tensors.items()}
     distance = _check_descendant(t_ckpt, base_samples, settings.force)
-    jobs = plans.apply_jobs(r_ckpt, rows, t_ckpt, alpha, manifest.checksums)
+    _check_manifest_residual(manifest, settings.force)
+    jobs = plans.with_buffers(plans.apply_jobs(r_ckpt, rows, t_ckpt, alpha, manifest.checksums), t_ckpt)
     shards = engine.plan_shards(jobs, "model", parse_size(settings.max_shard_size))
     instruct_config = _read_json(residual_model.path / assets.INSTRUCT_CONFIG)
     grown = manifest.instruct_vocab_size if manifest.instruct_vocab_size != manifest.base_vocab_size else None
@@ -512,6 +562,7 @@ def _check_target_of_residual(manifest: Manifest, target_model: ResolvedModel, f
     target = open_checkpoint(target_model.path)
     plans.check_target(target, shapes, manifest.model_type)
     _check_descendant(target, {n: e.base_sample for n, e in manifest.tensors.items()}, force)
+    _check_manifest_residual(manifest, force)
 
 
 def port(
@@ -572,10 +623,11 @@ def _port(
     target_model = resolve(to, target_revision, role="target model", token=push.token)
     i_ckpt, b_ckpt, t_ckpt = (open_checkpoint(m.path) for m in (source_model, base_model, target_model))
     pairs = plans.pair(i_ckpt, b_ckpt)
-    plans.check_target(t_ckpt, {n: info.shape for n, info in b_ckpt.tensors.items()}, b_ckpt.model_type)
+    plans.check_target(t_ckpt, {p.name: p.base.shape for p in pairs}, b_ckpt.model_type)  # weights only
     samples = _base_samples(b_ckpt)
     distance = _check_descendant(t_ckpt, samples, settings.force)
-    jobs = plans.port_jobs(pairs, t_ckpt, alpha)
+    _check_sampled_residual(pairs, samples, settings.force)
+    jobs = plans.with_buffers(plans.port_jobs(pairs, t_ckpt, alpha), t_ckpt)
     shards = engine.plan_shards(jobs, "model", parse_size(settings.max_shard_size))
     grown = i_ckpt.vocab_size if i_ckpt.vocab_size != b_ckpt.vocab_size else None
     with staged_output(output, overwrite=overwrite, required_bytes=engine.total_bytes(shards)) as staging:

@@ -27,6 +27,7 @@ import numpy as np
 from hf_residual import fused, kernels
 from hf_residual.errors import NonFiniteError, VerificationError
 from hf_residual.safetensors_io import (
+    FLOAT_DTYPES,
     ITEMSIZE,
     OutputTensor,
     TensorInfo,
@@ -460,6 +461,8 @@ def _run_job(
     put: Callable[[str, object], None],
     hasher: _Hasher | None = None,
 ) -> TensorStats:
+    if job.out.dtype not in FLOAT_DTYPES:
+        return _copy_bytes(job, files, writer, put)
     stats = TensorStats(sha256="")
     acc, tmp = buffers.acc, buffers.tmp
     out_dtype = job.out.dtype
@@ -521,6 +524,31 @@ def _run_job(
     stats.minus_norm **= 0.5
     stats.result_norm **= 0.5
     return stats
+
+
+def _copy_bytes(
+    job: TensorJob, files: _Files, writer: _Writer, put: Callable[[str, object], None]
+) -> TensorStats:
+    """An integer/bool buffer (``plans.buffer_jobs``): its source's bytes as they are, no arithmetic."""
+    (segment,) = job.segments
+    source = segment.plus
+    if (
+        segment.minus is not None
+        or segment.addend is not None
+        or source.info.dtype != job.out.dtype
+        or segment.stop - segment.start != source.info.numel - source.start
+    ):  # pragma: no cover - plans only make plain copies of non-float tensors
+        raise TypeError(f"{job.out.name!r}: a {job.out.dtype} tensor can only be copied as it is")
+    begin = source.info.offset + source.start * source.info.itemsize
+    total = job.out.nbytes
+    done = 0
+    while done < total:
+        out = writer.free.get()
+        count = min(out.size, total - done)
+        kernels.pread_into(files.fd(source.info.file), memoryview(out[:count]), begin + done)
+        put("data", (out, count))
+        done += count
+    return TensorStats(sha256="")
 
 
 def _fused_kernel(segment: Segment, out_dtype: str):

@@ -3,6 +3,14 @@
 Vocabulary growth: an instruct model may have more embedding rows than its base (chat tokens added,
 embeddings resized). Rows the base has get ``instruct - base``; the new rows are taken from the instruct
 model as they are (``absolute_rows_from`` in the manifest). The target must have the base's rows.
+
+Integer and bool tensors (``BUFFER_DTYPES``) are buffers, not weights: GPT-2-style ``attn.bias`` /
+``masked_bias`` masks, ``position_ids``. They take no part in the residual: ``pair`` and ``check_target``
+leave out every name that is integer/bool wherever it appears, ``extract`` stores nothing for them (neither
+in the weights nor in the manifest), and ``port`` and ``apply`` copy the target's buffers byte for byte
+(``buffer_jobs``): the output is the target's model, so its buffers are the target's. A name that is a
+float weight in one model and an integer tensor in another is refused (a quantized checkpoint).
+FP8 weights (``F8_E4M3``, ``F8_E5M2``) are refused with the fix (dequantize to bfloat16 first).
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from hf_residual.errors import IncompatibleModelsError
 from hf_residual.safetensors_io import FLOAT_DTYPES, OutputTensor, TensorInfo
 
 OUTPUT_DTYPES = ("BF16", "F16", "F32")
+BUFFER_DTYPES = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64")
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 
 
 @dataclass(frozen=True)
@@ -65,18 +75,55 @@ def check_same_names(have: set[str], want: set[str], have_role: str, want_role: 
 
 
 def _check_float(info: TensorInfo, role: str) -> None:
-    if info.dtype not in FLOAT_DTYPES:
+    """A weight (a tensor that takes part in the arithmetic) must be BF16, F16, F32 or F64."""
+    if info.dtype in FLOAT_DTYPES:
+        return
+    if info.dtype in FP8_DTYPES:
         raise IncompatibleModelsError(
-            f"tensor {info.name!r} of the {role} is {info.dtype}; only floating-point weights are supported"
+            f"tensor {info.name!r} of the {role} is {info.dtype} (8-bit floating point, FP8); hf-residual "
+            "computes with BF16, F16, F32 and F64 weights and does not support FP8 yet. Dequantize the model "
+            "to bfloat16 first (e.g. load it with transformers and save_pretrained in torch.bfloat16), or "
+            "use the unquantized release of the model"
         )
+    raise IncompatibleModelsError(
+        f"tensor {info.name!r} of the {role} is {info.dtype} (integer) where the other models store a "
+        "floating-point weight: a quantized checkpoint? Use its BF16/F16/F32 release, or dequantize it first"
+    )
+
+
+def buffer_names(*checkpoints: Checkpoint) -> set[str]:
+    """Names that are integer/bool tensors in every one of ``checkpoints`` that has them (not weights)."""
+    names: set[str] = set()
+    for ckpt in checkpoints:
+        names.update(n for n, t in ckpt.tensors.items() if t.dtype in BUFFER_DTYPES)
+    return {
+        n for n in names if all(c.tensors[n].dtype in BUFFER_DTYPES for c in checkpoints if n in c.tensors)
+    }
+
+
+def buffer_jobs(target: Checkpoint) -> list[TensorJob]:
+    """Copy each integer/bool buffer of the target into the output byte for byte (no arithmetic)."""
+    return [
+        TensorJob(OutputTensor(name, info.dtype, info.shape), (Segment(0, info.numel, plus=Source(info)),))
+        for name, info in sorted(target.tensors.items())
+        if info.dtype in BUFFER_DTYPES
+    ]
+
+
+def with_buffers(jobs: list[TensorJob], target: Checkpoint) -> list[TensorJob]:
+    """``jobs`` and the target's buffers copied through, in name order."""
+    return sorted([*jobs, *buffer_jobs(target)], key=lambda job: job.out.name)
 
 
 def pair(instruct: Checkpoint, base: Checkpoint) -> list[PairedTensor]:
     """Match instruct tensors to base tensors; allow instruct to have extra vocabulary rows."""
     check_same_architecture(instruct, base, "the instruct model", "the base model")
-    check_same_names(set(instruct.tensors), set(base.tensors), "instruct model", "base model")
+    buffers = buffer_names(instruct, base)
+    check_same_names(
+        set(instruct.tensors) - buffers, set(base.tensors) - buffers, "instruct model", "base model"
+    )
     pairs = []
-    for name in sorted(base.tensors):
+    for name in sorted(set(base.tensors) - buffers):
         i, b = instruct.tensors[name], base.tensors[name]
         _check_float(i, "instruct model")
         _check_float(b, "base model")
@@ -98,13 +145,17 @@ def pair(instruct: Checkpoint, base: Checkpoint) -> list[PairedTensor]:
 def check_target(
     target: Checkpoint, base_shapes: dict[str, tuple[int, ...]], base_model_type: str | None
 ) -> None:
-    """The target must have exactly the base's tensors and shapes (the base's vocabulary included)."""
+    """The target must have exactly the base's tensors and shapes (the base's vocabulary included).
+
+    ``base_shapes`` holds the weights only; the target's integer/bool buffers are left out of the match
+    (they are copied through, see ``buffer_jobs``)."""
     if base_model_type and target.model_type and target.model_type != base_model_type:
         raise IncompatibleModelsError(
             f"the target is a {target.model_type!r} model ({target.path}) but the residual's base is a "
             f"{base_model_type!r} model; a residual only transfers within one architecture"
         )
-    check_same_names(set(target.tensors), set(base_shapes), "target model", "base model")
+    buffers = buffer_names(target) - set(base_shapes)
+    check_same_names(set(target.tensors) - buffers, set(base_shapes), "target model", "base model")
     for name, shape in base_shapes.items():
         info = target.tensors[name]
         _check_float(info, "target model")

@@ -35,7 +35,10 @@ def add_alpha(parser: argparse.ArgumentParser) -> None:
 
 def add_force(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--force", action="store_true", help="skip the lineage check that the target descends from the base"
+        "--force",
+        action="store_true",
+        help="skip the lineage checks: that the target descends from the base, and that the residual is not "
+        "zero (source and base the same model)",
     )
 
 

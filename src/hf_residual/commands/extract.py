@@ -49,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or float32 (lossless: base + residual gives instruct back bit for bit)",
     )
     add_codec(parser)
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write the residual even if it is zero or nearly (INSTRUCT and BASE look like the same model)",
+    )
     add_quiet(parser)
     add_publish(parser, "residual")
     add_json(parser)
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         base_revision=args.base_revision,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
+        force=args.force,
         progress=not args.quiet,
         **publish_kwargs(args),
     )
