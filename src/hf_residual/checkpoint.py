@@ -1,7 +1,9 @@
 """A local checkpoint folder: its safetensors tensors (lazily, headers only) and its config.
 
 Pickled weights (``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) are never opened: a folder with only those
-is refused with the command that converts it.
+is refused with the command that converts it. FP8 weights with block scales are read through their scales
+(``fp8.attach_scales``: the ``weight_scale_inv`` tensors are consumed, not listed as weights); other
+quantized formats (GPTQ, AWQ, bitsandbytes, GGUF, ...) are refused, naming the format (see ``fp8``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_residual.errors import CorruptCheckpointError, InputNotFoundError, PickledWeightsError
+from hf_residual import fp8
+from hf_residual.errors import (
+    CorruptCheckpointError,
+    IncompatibleModelsError,
+    InputNotFoundError,
+    PickledWeightsError,
+)
 from hf_residual.safetensors_io import TensorInfo, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -32,9 +40,14 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     config: dict = field(default_factory=dict)
     weights: WeightSelection | None = None  # which files were read, for details and logs
+    # Set on a view of a multimodal wrapper's language model (``names.align_target``): the prefix its
+    # tensors have in the files; ``model_type`` is then the language model's (``text_config``).
+    prefix: str = ""
 
     @property
     def model_type(self) -> str | None:
+        if self.prefix:
+            return self.config.get("text_config", {}).get("model_type")
         return self.config.get("model_type")
 
     @property
@@ -152,6 +165,9 @@ def open_checkpoint(path: str | Path, prefix: str = "model") -> Checkpoint:
     selection = weight_selection(folder, prefix)
     files = [folder / n for n in selection.files]
     if not files:
+        gguf = sorted(p.name for p in folder.iterdir() if p.suffix == ".gguf")
+        if gguf:
+            raise IncompatibleModelsError(fp8.gguf_message(folder, gguf))
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled:
             raise PickledWeightsError(
@@ -173,4 +189,5 @@ def open_checkpoint(path: str | Path, prefix: str = "model") -> Checkpoint:
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     if selection.unused:
         LOG.info("%s: reading %s", folder, selection.describe())
-    return Checkpoint(folder, tensors, config, selection)
+    fp8.refuse_other_quantization(folder, config, tensors)
+    return Checkpoint(folder, fp8.attach_scales(folder, tensors, config), config, selection)
