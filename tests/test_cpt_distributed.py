@@ -28,6 +28,7 @@ from helpers import bits, load_tensors
 from safetensors.torch import save_file
 
 from hf_residual import api
+from hf_residual.cli import main
 from hf_residual.cpt import sharded
 
 NEWS = [
@@ -67,9 +68,10 @@ optimizer.step()
 
 args = TrainingArguments(str(run), use_cpu=True, report_to="none", save_total_limit=2)
 trainer_state, control = TrainerState(), TrainerControl()
-trainer_state.global_step, trainer_state.is_world_process_zero = 1, state.is_main_process
+trainer_state.is_world_process_zero = state.is_main_process
 callback = ResidualPortCallback(residual)
-callback.on_train_begin(args, trainer_state, control)
+callback.on_train_begin(args, trainer_state, control)  # a fresh run: step 0
+trainer_state.global_step = 1
 plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
 save_fsdp_model(plugin, state, model, str(run / "checkpoint-1"))  # what Trainer._save_checkpoint runs
 callback.on_save(args, trainer_state, control, model=model, processing_class=tokenizer)
@@ -197,13 +199,23 @@ def test_fsdp2_sharded_checkpoint_is_ported_in_the_background(setup, tmp_path):
     expected = _port_reference(residual, single, tmp_path / "expected")
     _assert_same_bits(load_tensors(ported), expected)
 
-    # what `hf-residual port RESIDUAL --to checkpoint-1` does: consolidate (small batches: several
-    # safetensors shards), port, remove the temporary folder
+    # the consolidation in small batches (several safetensors shards) holds the trained tensors, and is
+    # removed afterwards
     with sharded.consolidate(checkpoint, config_from=family.cpt, batch_bytes=20_000) as folder:
         assert len(list(folder.glob("model-*.safetensors"))) > 1
         _assert_same_bits(load_tensors(folder), trained)
-        _assert_same_bits(_port_reference(residual, folder, tmp_path / "cli"), expected)
     assert not folder.exists()
+
+    # after training, from the command line: the sharded checkpoint folder is the target
+    cli = tmp_path / "cli"
+    assert main(["port", str(residual), "--to", str(checkpoint), "-o", str(cli / "port"), "--quiet"]) == 0
+    assert main(["apply", str(residual), "--to", str(checkpoint), "-o", str(cli / "apply"), "--quiet"]) == 0
+    _assert_same_bits(load_tensors(cli / "port"), expected)
+    _assert_same_bits(load_tensors(cli / "apply"), expected)
+    # the temporary consolidated folders were made beside the outputs and are gone
+    assert sorted(p.name for p in cli.iterdir()) == ["apply", "port"] and not list(
+        run.glob(".*consolidated*")
+    )
 
 
 def _write_config(family, root, residual, out: Path, **extra) -> Path:

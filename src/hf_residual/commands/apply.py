@@ -45,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_output(parser, "ported model")
     add_alpha(parser)
     add_force(parser)
+    parser.add_argument(
+        "--keep-fp8",
+        action="store_true",
+        help="a TARGET stored in FP8 with block scales (quant_method fp8): write FP8 weights re-quantized "
+        "with its block size, so the output loads like TARGET did. Default: those weights are written in "
+        "bfloat16 and config.json loses its quantization_config",
+    )
     add_quiet(parser)
     add_publish(parser, "ported model")
     add_json(parser)
@@ -53,23 +60,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import time
+    from pathlib import Path
 
     from hf_residual import api
+    from hf_residual.cpt.sharded import consolidate
 
     started = time.perf_counter()
-    result = api.apply(
-        args.residual,
-        args.to,
-        args.output,
-        alpha=args.alpha,
-        revision=args.revision,
-        target_revision=args.target_revision,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        force=args.force,
-        progress=not args.quiet,
-        **publish_kwargs(args),
-    )
+    # a checkpoint saved sharded (FSDP SHARDED_STATE_DICT, DeepSpeed ZeRO) is consolidated first
+    with consolidate(args.to, workdir=Path(args.output).parent if args.output else None) as target:
+        result = api.apply(
+            args.residual,
+            target,
+            args.output,
+            alpha=args.alpha,
+            revision=args.revision,
+            target_revision=args.target_revision,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            force=args.force,
+            keep_fp8=args.keep_fp8,
+            progress=not args.quiet,
+            **publish_kwargs(args),
+        )
     if args.json:
         from hf_residual.commands._json import emit, written
 

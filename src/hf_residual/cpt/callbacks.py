@@ -158,6 +158,8 @@ class ResidualPortCallback(TrainerCallback):
     def _enqueue(self, checkpoint: Path, step: int) -> None:
         from hf_residual.cpt.background import PortJob, snapshot
 
+        if step in self.queued:  # already queued by this run (resume, then a save of the same step)
+            return
         output_dir = checkpoint.parent
         logs = output_dir / LOG_FOLDER
         try:
