@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_residual import fused, kernels
+from hf_residual import fp8, fused, kernels
 from hf_residual.errors import NonFiniteError, VerificationError
 from hf_residual.safetensors_io import (
     FLOAT_DTYPES,
@@ -77,9 +77,20 @@ class Segment:
 
 @dataclass(frozen=True)
 class TensorJob:
+    """One output tensor; with ``quantize``, an FP8 tensor followed by its block scales (``quantize.scale``)."""
+
     out: OutputTensor
     segments: tuple[Segment, ...]
     collect_norms: bool = False
+    quantize: fp8.Quantize | None = None
+
+    @property
+    def outputs(self) -> tuple[OutputTensor, ...]:
+        return (self.out,) if self.quantize is None else (self.out, self.quantize.scale)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(out.nbytes for out in self.outputs)
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,7 @@ class ShardPlan:
 
     @property
     def nbytes(self) -> int:
-        return sum(job.out.nbytes for job in self.jobs)
+        return sum(job.nbytes for job in self.jobs)
 
 
 @dataclass
@@ -101,6 +112,8 @@ class TensorStats:
     minus_norm: float = 0.0
     result_norm: float = 0.0
     inexact: int = 0
+    # An FP8 output's block scales (``TensorJob.quantize``), written as the tensor after it.
+    scales: np.ndarray | None = None
 
 
 def plan_shards(
@@ -110,18 +123,18 @@ def plan_shards(
     groups: list[list[TensorJob]] = [[]]
     size = 0
     for job in jobs:
-        if groups[-1] and size + job.out.nbytes > max_shard_bytes:
+        if groups[-1] and size + job.nbytes > max_shard_bytes:
             groups.append([])
             size = 0
         groups[-1].append(job)
-        size += job.out.nbytes
+        size += job.nbytes
     names = shard_filenames(prefix, len(groups))
     return [ShardPlan(name, tuple(group)) for name, group in zip(names, groups, strict=True)]
 
 
 def write_index(folder: Path, prefix: str, shards: list[ShardPlan], metadata: dict | None = None) -> None:
     """Write ``<prefix>.safetensors.index.json`` (only when there is more than one shard)."""
-    weight_map = {job.out.name: shard.filename for shard in shards for job in shard.jobs}
+    weight_map = {out.name: shard.filename for shard in shards for job in shard.jobs for out in job.outputs}
     write_shard_index(folder, prefix, weight_map, sum(s.nbytes for s in shards), metadata)
 
 
@@ -138,6 +151,7 @@ class _Writer(threading.Thread):
     def __init__(self, buffers: int, block_bytes: int, checksum: str | None):
         super().__init__(daemon=True, name="hf-residual-writer")
         self.checksum = checksum
+        self.block_bytes = block_bytes
         self.tasks: queue.Queue = queue.Queue(maxsize=buffers)
         self.free: queue.Queue = queue.Queue()
         for _ in range(buffers):
@@ -415,14 +429,16 @@ def execute(
 
     try:
         for shard in shards:
-            expected = [job.out for job in shard.jobs]
+            expected = [out for job in shard.jobs for out in job.outputs]
             put("open", (folder / shard.filename, encode_header(expected)))
             for job in shard.jobs:
                 put("tensor", job.out)
                 stats[job.out.name] = _run_job(job, files, buffers, writer, put, hasher)
                 put("end_tensor")
+                if job.quantize is not None:
+                    stats[job.quantize.scale.name] = _write_scales(job, stats[job.out.name], writer, put)
                 if on_progress:
-                    on_progress(job.out.nbytes)
+                    on_progress(job.nbytes)
             if hasher is not None:
                 hasher.drain()  # every input checksum of this shard compared before it is closed
             put("close", (folder / shard.filename, expected))
@@ -461,6 +477,8 @@ def _run_job(
     put: Callable[[str, object], None],
     hasher: _Hasher | None = None,
 ) -> TensorStats:
+    if job.quantize is not None:
+        return _run_quantized(job, files, buffers, writer, put, hasher)
     if job.out.dtype not in FLOAT_DTYPES:
         return _copy_bytes(job, files, writer, put)
     stats = TensorStats(sha256="")
@@ -474,10 +492,10 @@ def _run_job(
         kernels.decode(files.fd(source.info.file), source.info, element, count, out, buffers, sink)
 
     for segment in job.segments:
-        alpha = np.float32(segment.alpha)
         kernel = None if job.collect_norms else _fused_kernel(segment, out_dtype)
-        for start in range(segment.start, segment.stop, buffers.block):
-            stop = min(segment.stop, start + buffers.block)
+        step = _step(segment, job.out, buffers.block)
+        for start in range(segment.start, segment.stop, step):
+            stop = min(segment.stop, start + step)
             count = stop - start
             offset = start - segment.start
             if kernel is not None:
@@ -491,25 +509,7 @@ def _run_job(
                 put("data", (out, count * ITEMSIZE[out_dtype]))
                 continue
             a = acc[:count]
-            decode(segment.plus, offset, count, a)
-            if job.collect_norms:
-                stats.plus_norm += _sum_squares(a)
-            if segment.minus is not None:
-                t = tmp[:count]
-                decode(segment.minus, offset, count, t)
-                if job.collect_norms:
-                    stats.minus_norm += _sum_squares(t)
-                a -= t
-                if segment.roundtrip_of is not None:
-                    stats.inexact += _count_inexact(a, t, segment.roundtrip_of, offset, files, buffers)
-            if segment.alpha != 1.0:
-                a *= alpha
-            if job.collect_norms:
-                stats.result_norm += _sum_squares(a)
-            if segment.addend is not None:
-                t = tmp[:count]
-                decode(segment.addend, offset, count, t)
-                a += t
+            _compute(job, segment, offset, a, tmp[:count], decode, stats, files, buffers)
             if kernels.overflows(kernels.max_magnitude_bits(a, buffers), out_dtype):
                 raise NonFiniteError(
                     _non_finite_message(job, segment, offset, offset + count, files, buffers)
@@ -524,6 +524,127 @@ def _run_job(
     stats.minus_norm **= 0.5
     stats.result_norm **= 0.5
     return stats
+
+
+def _compute(
+    job: TensorJob,
+    segment: Segment,
+    offset: int,
+    a: np.ndarray,
+    t: np.ndarray,
+    decode: Callable[[Source, int, int, np.ndarray], None],
+    stats: TensorStats,
+    files: _Files,
+    buffers: kernels.BlockBuffers,
+) -> None:
+    """The numpy path: ``a`` = the segment's result for its elements ``offset:offset+len(a)`` in float32."""
+    count = a.size
+    decode(segment.plus, offset, count, a)
+    if job.collect_norms:
+        stats.plus_norm += _sum_squares(a)
+    if segment.minus is not None:
+        decode(segment.minus, offset, count, t)
+        if job.collect_norms:
+            stats.minus_norm += _sum_squares(t)
+        a -= t
+        if segment.roundtrip_of is not None:
+            stats.inexact += _count_inexact(a, t, segment.roundtrip_of, offset, files, buffers)
+    if segment.alpha != 1.0:
+        a *= np.float32(segment.alpha)
+    if job.collect_norms:
+        stats.result_norm += _sum_squares(a)
+    if segment.addend is not None:
+        decode(segment.addend, offset, count, t)
+        a += t
+
+
+def _step(segment: Segment, out: OutputTensor, block: int) -> int:
+    """Elements per engine block: whole rows when an input is FP8 (one row of scales per run of rows)."""
+    scaled = any(
+        s is not None and fp8.is_scaled(s.info) for s in (segment.plus, segment.minus, segment.addend)
+    )
+    cols = out.shape[-1] if len(out.shape) == 2 else 0
+    return block // cols * cols if scaled and 0 < cols <= block else block
+
+
+def _run_quantized(
+    job: TensorJob,
+    files: _Files,
+    buffers: kernels.BlockBuffers,
+    writer: _Writer,
+    put: Callable[[str, object], None],
+    hasher: _Hasher | None = None,
+) -> TensorStats:
+    """An FP8 output with block scales, one stripe of ``block[0]`` rows at a time (``fp8.Quantize``).
+
+    Each stripe is computed in float32 like any output (numpy path, in engine blocks), then its per-block
+    ``amax`` gives the scales (``amax / max finite``, 1.0 for an all-zero block) and the values
+    ``x / scale`` are rounded once to FP8 (nearest even, saturating). Memory: one stripe in float32
+    (``block[0]`` rows: 7 MB for 14336 columns).
+    """
+    stats = TensorStats(sha256="")
+    digests = _InputDigests(job, hasher)
+    rows, cols = job.out.shape
+    block_rows, block_cols = job.quantize.block
+    limit = np.float32(fp8.MAX_FINITE[job.out.dtype])
+    scales = np.empty(job.quantize.scale.shape, np.float32)
+    stripe = np.empty(min(rows, block_rows) * cols, np.float32)
+    col_starts = np.arange(0, cols, block_cols)
+
+    def decode(source: Source, offset: int, count: int, out: np.ndarray) -> None:
+        element = source.start + offset
+        sink = (lambda raw: digests.feed(source, element, count, raw)) if source.sha256 else None
+        kernels.decode(files.fd(source.info.file), source.info, element, count, out, buffers, sink)
+
+    for first in range(0, rows, block_rows):
+        n = min(block_rows, rows - first)
+        begin, end = first * cols, (first + n) * cols
+        values = stripe[: end - begin]
+        for segment in job.segments:  # the parts of this stripe each segment covers, in engine blocks
+            lo, hi = max(begin, segment.start), min(end, segment.stop)
+            for start in range(lo, hi, buffers.block):
+                stop = min(hi, start + buffers.block)
+                a = values[start - begin : stop - begin]
+                offset = start - segment.start
+                _compute(job, segment, offset, a, buffers.tmp[: a.size], decode, stats, files, buffers)
+                if kernels.overflows(kernels.max_magnitude_bits(a, buffers), "F32"):
+                    raise NonFiniteError(
+                        _non_finite_message(job, segment, offset, offset + a.size, files, buffers)
+                    )
+        matrix = values.reshape(n, cols)
+        amax = np.maximum.reduceat(np.abs(matrix).max(axis=0), col_starts)
+        scale = amax / limit
+        scale[scale == 0] = 1.0  # an all-zero block (or one whose scale would underflow)
+        scales[first // block_rows] = scale
+        matrix /= np.repeat(scale, block_cols)[:cols]
+        codes = fp8.encode(values, job.out.dtype)
+        for at in range(0, codes.size, writer.block_bytes):
+            chunk = codes[at : at + writer.block_bytes]
+            out = writer.free.get()
+            np.copyto(out[: chunk.size], chunk)
+            put("data", (out, chunk.size))
+    digests.check()
+    stats.plus_norm **= 0.5
+    stats.minus_norm **= 0.5
+    stats.result_norm **= 0.5
+    stats.scales = scales
+    return stats
+
+
+def _write_scales(
+    job: TensorJob, stats: TensorStats, writer: _Writer, put: Callable[[str, object], None]
+) -> TensorStats:
+    """The block scales of a quantized job, as the F32 tensor after its weight."""
+    put("tensor", job.quantize.scale)
+    raw = stats.scales.reshape(-1).view(np.uint8)
+    for at in range(0, raw.size, writer.block_bytes):
+        chunk = raw[at : at + writer.block_bytes]
+        out = writer.free.get()
+        np.copyto(out[: chunk.size], chunk)
+        put("data", (out, chunk.size))
+    put("end_tensor")
+    stats.scales = None
+    return TensorStats(sha256="")
 
 
 def _copy_bytes(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from hf_residual import fp8
 from hf_residual.safetensors_io import ITEMSIZE, TensorInfo
 
 # Largest float32 bit pattern (sign cleared) that still rounds to a finite value in each dtype.
@@ -44,6 +45,16 @@ class BlockBuffers:
         self.bits = np.empty(block, np.uint32)
         # One raw buffer per input role (plus, minus, addend) for the fused kernels.
         self.raws = [np.empty(block * 4, np.uint8) for _ in range(3)]
+        # FP8 scale tensors read so far (a few: a port reads three weights block by block in turn).
+        self.scales: dict[TensorInfo, fp8.ScaleTable] = {}
+
+    def scale_table(self, info: fp8.ScaledInfo) -> fp8.ScaleTable:
+        table = self.scales.get(info.scale)
+        if table is None:
+            if len(self.scales) >= 4:
+                del self.scales[next(iter(self.scales))]
+            table = self.scales[info.scale] = fp8.ScaleTable(info, pread_into)
+        return table
 
 
 def decode(
@@ -77,6 +88,9 @@ def decode(
         np.copyto(target, raw.view(np.float16))
     elif info.dtype == "F64":
         np.copyto(target, raw.view(np.float64), casting="same_kind")
+    elif fp8.is_scaled(info):  # FP8 with block scales: code values times the scale of their block
+        np.take(fp8.DECODE[info.dtype], raw, out=target)
+        buffers.scale_table(info).apply(start, target)
     else:  # pragma: no cover - callers only plan float tensors
         raise TypeError(f"cannot decode {info.dtype}")
 

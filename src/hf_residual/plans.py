@@ -10,13 +10,15 @@ leave out every name that is integer/bool wherever it appears, ``extract`` store
 in the weights nor in the manifest), and ``port`` and ``apply`` copy the target's buffers byte for byte
 (``buffer_jobs``): the output is the target's model, so its buffers are the target's. A name that is a
 float weight in one model and an integer tensor in another is refused (a quantized checkpoint).
-FP8 weights (``F8_E4M3``, ``F8_E5M2``) are refused with the fix (dequantize to bfloat16 first).
+FP8 weights with block scales (``fp8.ScaledInfo``) are weights like any float tensor; an FP8 tensor without
+its ``weight_scale_inv`` is refused with the fix (dequantize to bfloat16 first).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hf_residual import fp8
 from hf_residual.checkpoint import Checkpoint
 from hf_residual.engine import Segment, Source, TensorJob
 from hf_residual.errors import IncompatibleModelsError
@@ -75,8 +77,8 @@ def check_same_names(have: set[str], want: set[str], have_role: str, want_role: 
 
 
 def _check_float(info: TensorInfo, role: str) -> None:
-    """A weight (a tensor that takes part in the arithmetic) must be BF16, F16, F32 or F64."""
-    if info.dtype in FLOAT_DTYPES:
+    """A weight (a tensor that takes part in the arithmetic) must be BF16, F16, F32, F64 or scaled FP8."""
+    if info.dtype in FLOAT_DTYPES or fp8.is_scaled(info):
         return
     if info.dtype in FP8_DTYPES:
         raise IncompatibleModelsError(
@@ -159,7 +161,7 @@ def check_target(
     for name, shape in base_shapes.items():
         info = target.tensors[name]
         _check_float(info, "target model")
-        if info.dtype not in OUTPUT_DTYPES:
+        if info.dtype not in OUTPUT_DTYPES and not fp8.is_scaled(info):  # FP8: see fp8.output_jobs
             raise IncompatibleModelsError(
                 f"target tensor {name!r} is {info.dtype}; supported: BF16, F16, F32"
             )

@@ -1,0 +1,326 @@
+"""FP8 checkpoints with block scales (DeepSeek-V3/R1, Qwen3-*-FP8 layout) as instruct, base or target.
+
+The FP8 folders are written here by hand in the published layout (``F8_E4M3`` weights, an ``F32``
+``weight_scale_inv`` of shape ``[ceil(rows / b0), ceil(cols / b1)]`` beside each, ``quantization_config`` in
+config.json), with torch only. References are torch float32 math on the dequantized values, rounded once.
+The toy models have hidden size 160: matrices of 160, 320 and 80 rows or columns, none a multiple of 128.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import bits, load_tensors
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hf_residual import api, engine, kernels
+from hf_residual.checkpoint import open_checkpoint
+from hf_residual.errors import ConfigError, IncompatibleModelsError
+
+F8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+@pytest.fixture(scope="module")
+def family(families):
+    return families("llama", "bfloat16", hidden=160)
+
+
+def quantized(name: str, tensor: torch.Tensor) -> bool:
+    return tensor.ndim == 2 and name.endswith("proj.weight")
+
+
+def expand(scale: torch.Tensor, shape, block) -> torch.Tensor:
+    rows, cols = shape
+    return scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+
+
+def quantize(weight: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block: scale = amax / 448 (1 for a zero block), codes = weight / scale rounded to E4M3."""
+    rows, cols = weight.shape
+    scale = torch.ones(math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    w = weight.float()
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            part = w[i * block[0] : (i + 1) * block[0], j * block[1] : (j + 1) * block[1]]
+            amax = part.abs().max()
+            if amax > 0:
+                scale[i, j] = amax / torch.tensor(FP8_MAX)
+    codes = (w / expand(scale, w.shape, block)).clamp(-FP8_MAX, FP8_MAX).to(F8)
+    return codes, scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, block) -> torch.Tensor:
+    return codes.float() * expand(scale, codes.shape, block)
+
+
+def make_fp8(source, folder, block=(128, 128), split_scales=False) -> None:
+    """``source`` re-saved in the FP8 layout: every 2-D ``*proj.weight`` quantized with ``block``.
+
+    ``split_scales``: scales in a second shard (with an index), away from their weights.
+    """
+    shutil.copytree(source, folder)
+    for file in [*folder.glob("*.safetensors"), *folder.glob("*.index.json")]:
+        file.unlink()
+    weights, scales = {}, {}
+    for name, tensor in load_tensors(source).items():
+        if quantized(name, tensor):
+            weights[name], scales[name + "_scale_inv"] = quantize(tensor, block)
+        else:
+            weights[name] = tensor
+    if split_scales:
+        save_file(weights, folder / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+        save_file(scales, folder / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+        weight_map = {n: "model-00001-of-00002.safetensors" for n in weights}
+        weight_map.update({n: "model-00002-of-00002.safetensors" for n in scales})
+        index = {"metadata": {}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        save_file({**weights, **scales}, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def values(folder, block=(128, 128)) -> dict[str, torch.Tensor]:
+    """A folder's weights as the model means them: FP8 ones dequantized in float32, scales consumed."""
+    tensors = load_tensors(folder)
+    out = {}
+    for name, tensor in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        scale = tensors.get(name + "_scale_inv")
+        out[name] = tensor if scale is None else dequantize(tensor, scale, block)
+    return out
+
+
+def layout(folder) -> dict[str, tuple[str, list[int]]]:
+    out = {}
+    for file in folder.glob("*.safetensors"):
+        header_len = int.from_bytes(file.read_bytes()[:8], "little")
+        header = json.loads(file.read_bytes()[8 : 8 + header_len])
+        header.pop("__metadata__", None)
+        out.update({name: (entry["dtype"], entry["shape"]) for name, entry in header.items()})
+    return out
+
+
+def test_decode_reads_any_element_range_of_an_fp8_weight_through_its_block_scales(tmp_path):
+    torch.manual_seed(0)
+    weight = torch.randn(300, 200) * torch.linspace(0.01, 3, 200)
+    codes, scale = quantize(weight, (128, 128))
+    assert list(scale.shape) == [3, 2]
+    (tmp_path / "m").mkdir()
+    save_file({"w.weight": codes, "w.weight_scale_inv": scale}, tmp_path / "m" / "model.safetensors")
+    ckpt = open_checkpoint(tmp_path / "m")
+    assert list(ckpt.tensors) == ["w.weight"]  # the scale is consumed, not a weight
+    info = ckpt.tensors["w.weight"]
+    expected = dequantize(codes, scale, (128, 128)).reshape(-1).numpy()
+    buffers = kernels.BlockBuffers(60000)
+    out = np.empty(60000, np.float32)
+    fd = os.open(info.file, os.O_RDONLY)
+    try:  # mid-row starts and ends, runs across row blocks (row 128, 256) and column blocks (col 128)
+        for start, count in [(0, 60000), (77, 1), (199, 2), (25_550, 200), (25_500, 30_000), (59_999, 1)]:
+            kernels.decode(fd, info, start, count, out, buffers)
+            assert np.array_equal(out[:count], expected[start : start + count]), (start, count)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("block", [None, 1000])  # one engine block per tensor; blocks of whole rows
+def test_port_fp8_instruct_and_base_onto_bf16_target_matches_dequantized_reference(
+    family, tmp_path, monkeypatch, block
+):
+    if block:
+        monkeypatch.setattr(engine, "DEFAULT_BLOCK", block)
+    instruct, base = tmp_path / "instruct-fp8", tmp_path / "base-fp8"
+    make_fp8(family.instruct, instruct)
+    make_fp8(family.base, base, split_scales=True)
+    out = api.port(instruct, family.cpt, tmp_path / "out", base=base, progress=False).output
+    got, t, i, b = load_tensors(out), load_tensors(family.cpt), values(instruct), values(base)
+    assert got.keys() == t.keys()
+    assert sum(quantized(n, x) for n, x in t.items()) == 14  # 7 projections in each of 2 layers
+    for name in t:
+        assert got[name].dtype == torch.bfloat16
+        expected = (t[name].float() + (i[name].float() - b[name].float())).to(torch.bfloat16)
+        assert torch.equal(bits(got[name]), bits(expected)), name
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_extract_from_fp8_instruct_and_base_is_the_dequantized_difference(family, tmp_path):
+    instruct, base = tmp_path / "instruct-fp8", tmp_path / "base-fp8"
+    make_fp8(family.instruct, instruct)
+    make_fp8(family.base, base)
+    residual = api.extract(instruct, base, tmp_path / "r", dtype="float32", progress=False).output
+    got, i, b = load_tensors(residual), values(instruct), values(base)
+    assert got.keys() == i.keys()
+    for name in i:
+        assert torch.equal(bits(got[name]), bits(i[name].float() - b[name].float())), name
+
+
+@pytest.mark.parametrize("via", ["port", "apply"])
+def test_bf16_residual_onto_fp8_target_writes_bf16_and_drops_quantization_config(family, tmp_path, via):
+    target = tmp_path / "cpt-fp8"
+    make_fp8(family.cpt, target)
+    if via == "port":
+        out = api.port(family.instruct, target, tmp_path / "out", base=family.base, progress=False).output
+        i, b = load_tensors(family.instruct), load_tensors(family.base)
+        residual = {n: i[n].float() - b[n].float() for n in i}
+    else:
+        r = api.extract(family.instruct, family.base, tmp_path / "r", dtype="float32", progress=False).output
+        out = api.apply(r, target, tmp_path / "out", progress=False).output
+        residual = load_tensors(r)
+    got, t = load_tensors(out), values(target)
+    assert got.keys() == t.keys()  # no weight_scale_inv left
+    for name in t:
+        assert got[name].dtype == torch.bfloat16
+        expected = (t[name].float() + residual[name]).to(torch.bfloat16)
+        assert torch.equal(bits(got[name]), bits(expected)), name
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    card = (out / "README.md").read_text()
+    assert "## FP8" in card and "bfloat16" in card and "quantization_config" in card
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("block", [(128, 128), (64, 48)])
+def test_keep_fp8_requantizes_with_the_targets_blocks_and_layout(family, tmp_path, block):
+    target = tmp_path / "cpt-fp8"
+    make_fp8(family.cpt, target, block=block)
+    out = api.port(
+        family.instruct, target, tmp_path / "out", base=family.base, keep_fp8=True, progress=False
+    ).output
+    assert layout(out) == layout(target)  # same names, dtypes (F8_E4M3, F32 scales), scale shapes
+    config = json.loads((out / "config.json").read_text())
+    assert (
+        config["quantization_config"]
+        == json.loads((target / "config.json").read_text())["quantization_config"]
+    )
+    assert "--keep-fp8" in (out / "README.md").read_text()
+    got, t = load_tensors(out), values(target, block)
+    i, b = load_tensors(family.instruct), load_tensors(family.base)
+    checked = 0
+    for name, expected in t.items():
+        exact = expected.float() + (i[name].float() - b[name].float())  # float32 reference
+        if name + "_scale_inv" not in got:
+            assert torch.equal(bits(got[name]), bits(exact.to(torch.bfloat16))), name
+            continue
+        checked += 1
+        codes, scale = quantize(exact, block)  # scales: amax / 448 per block, recomputed
+        assert torch.equal(got[name + "_scale_inv"], scale), name
+        assert torch.equal(got[name].view(torch.uint8), codes.view(torch.uint8)), name
+        # within one FP8 rounding of the float32 reference: half a step of E4M3 at each value (ties are
+        # common: bf16 inputs have few bits), plus the float32 rounding of dequantizing (codes * scale)
+        scaled = (exact / expand(scale, exact.shape, block)).abs()
+        step = torch.exp2(torch.floor(torch.log2(scaled.clamp(min=2.0**-6))) - 3)
+        error = (dequantize(got[name], got[name + "_scale_inv"], block) - exact).abs()
+        bound = step / 2 * expand(scale, exact.shape, block) + exact.abs() * 2.0**-22
+        assert bool((error <= bound).all()), name
+        assert bool((error > 0).any()), name  # FP8 did round: the check above has teeth
+    assert checked == 14
+
+
+def test_keep_fp8_on_the_command_line_with_apply(family, tmp_path):
+    import subprocess
+
+    target = tmp_path / "cpt-fp8"
+    make_fp8(family.cpt, target)
+    r = api.extract(family.instruct, family.base, tmp_path / "r", progress=False).output
+    exe = [sys.executable, "-m", "hf_residual.cli"]
+    done = subprocess.run(
+        [*exe, "apply", str(r), "--to", str(target), "-o", str(tmp_path / "out"), "--keep-fp8", "-q"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert layout(tmp_path / "out") == layout(target)
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == F8
+
+
+def test_keep_fp8_without_an_fp8_target_is_refused(family, tmp_path):
+    with pytest.raises(ConfigError, match="has no FP8 weights"):
+        api.port(
+            family.instruct, family.cpt, tmp_path / "out", base=family.base, keep_fp8=True, progress=False
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp8_weight_without_its_scale_is_refused_by_name(family, tmp_path):
+    target = tmp_path / "cpt-fp8"
+    make_fp8(family.cpt, target)
+    tensors = load_tensors(target)
+    del tensors["model.layers.1.self_attn.o_proj.weight_scale_inv"]
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(IncompatibleModelsError) as error:
+        api.port(family.instruct, target, tmp_path / "out", base=family.base, progress=False)
+    assert "'model.layers.1.self_attn.o_proj.weight'" in str(error.value) and "F8_E4M3" in str(error.value)
+
+
+def test_fp8_scale_of_the_wrong_shape_is_refused(family, tmp_path):
+    target = tmp_path / "cpt-fp8"
+    make_fp8(family.cpt, target)
+    tensors = load_tensors(target)
+    tensors["model.layers.0.mlp.down_proj.weight_scale_inv"] = torch.ones(1, 1)  # [160, 320]: needs [2, 3]
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(IncompatibleModelsError, match=r"down_proj.weight_scale_inv.*F32 \[2, 3\]"):
+        open_checkpoint(target)
+
+
+@pytest.mark.parametrize(
+    ("method", "named"),
+    [
+        ("gptq", "GPTQ"),
+        ("awq", "AWQ"),
+        ("bitsandbytes", "bitsandbytes"),
+        ("compressed-tensors", "compressed"),
+    ],
+)
+def test_other_quantization_methods_are_refused_naming_the_format(family, tmp_path, method, named):
+    target = tmp_path / "quantized"
+    shutil.copytree(family.cpt, target)
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4}
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(IncompatibleModelsError) as error:
+        api.port(family.instruct, target, tmp_path / "out", base=family.base, progress=False)
+    message = str(error.value)
+    assert (
+        f"{named}" in message and f"quant_method {method!r}" in message and "unquantized release" in message
+    )
+
+
+def test_quantized_tensor_names_and_gguf_files_are_refused(family, tmp_path):
+    target = tmp_path / "gptq"
+    shutil.copytree(family.cpt, target)
+    tensors = load_tensors(target)
+    tensors["model.layers.0.mlp.up_proj.qweight"] = torch.zeros(4, 4, dtype=torch.int32)
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        IncompatibleModelsError, match="GPTQ/AWQ-quantized.*'model.layers.0.mlp.up_proj.qweight'"
+    ):
+        api.port(family.instruct, target, tmp_path / "out", base=family.base, progress=False)
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
+    with pytest.raises(
+        IncompatibleModelsError, match="only GGUF files found \\(model-Q4_K_M.gguf\\).*safetensors"
+    ):
+        api.port(family.instruct, gguf, tmp_path / "out2", base=family.base, progress=False)
