@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_residual import assets, cards, engine, hub, hub_base, hub_publish, lineage, plans
+from hf_residual import assets, cards, engine, fp8, hub, hub_base, hub_publish, lineage, plans
 from hf_residual.checkpoint import Checkpoint, open_checkpoint
 from hf_residual.codecs import folders as codec_folders
 from hf_residual.codecs import registry as codec_registry
@@ -81,7 +81,11 @@ def _execute(
 
 def _base_samples(base: Checkpoint) -> dict[str, list[float]]:
     """The lineage sample of every floating-point tensor (integer/bool buffers are not weights)."""
-    return {name: lineage.sample(info) for name, info in base.tensors.items() if info.dtype in FLOAT_DTYPES}
+    return {
+        name: lineage.sample(info)
+        for name, info in base.tensors.items()
+        if info.dtype in FLOAT_DTYPES or fp8.is_scaled(info)
+    }
 
 
 def _fingerprint(samples: dict[str, list[float]]) -> str:
@@ -219,6 +223,7 @@ class _Settings:
     progress: bool
     push: Push
     force: bool = False
+    keep_fp8: bool = False  # port/apply: write the target's FP8 weights as FP8 (fp8.output_jobs)
 
 
 @contextmanager
@@ -457,12 +462,12 @@ def _write_model_extras(
     vocab_size: int | None,
     chat_source: Path,
     card: str,
+    keep_fp8: bool = False,
 ) -> None:
-    assets.write_json(
-        staging / "config.json", assets.output_config(target.config, instruct_config, vocab_size)
-    )
+    config = fp8.output_config(target.config, target.tensors, keep_fp8)  # FP8 -> BF16: no quantization_config
+    assets.write_json(staging / "config.json", assets.output_config(config, instruct_config, vocab_size))
     assets.copy_chat_assets(chat_source, staging)
-    (staging / "README.md").write_text(card)
+    (staging / "README.md").write_text(card + fp8.card_note(target.tensors, keep_fp8))
 
 
 def apply(
@@ -483,13 +488,16 @@ def apply(
     commit_message: str | None = None,
     dry_run: bool = False,
     token: str | None = None,
+    keep_fp8: bool = False,
 ) -> Result:
     """Write ``target + alpha * residual`` as a complete transformers model folder.
 
     ``push_to`` publishes the verified folder (see ``extract``); ``output`` may then be None.
+    ``keep_fp8``: a target with FP8 weights (block scales) gets FP8 weights re-quantized with its block
+    size (else they are written in bfloat16 and the config's quantization_config is dropped).
     """
     push = Push(push_to, create_pr, private, commit_message, dry_run, token)
-    settings = _Settings(max_shard_size, overwrite, progress, push, force)
+    settings = _Settings(max_shard_size, overwrite, progress, push, force, keep_fp8)
     with _destination(output, push) as out, hub.progress_bars(progress):
         result = _apply(residual, to, out, alpha, revision, target_revision, settings)
         result.details["temporary_output"] = output is None
@@ -531,7 +539,9 @@ def _apply(
     base_samples = {n: e.base_sample for n, e in manifest.tensors.items()}
     distance = _check_descendant(t_ckpt, base_samples, settings.force)
     _check_manifest_residual(manifest, settings.force)
-    jobs = plans.with_buffers(plans.apply_jobs(r_ckpt, rows, t_ckpt, alpha, manifest.checksums), t_ckpt)
+    fp8.check_keep_fp8(t_ckpt.tensors, settings.keep_fp8, t_ckpt.path)
+    jobs = plans.apply_jobs(r_ckpt, rows, t_ckpt, alpha, manifest.checksums)
+    jobs = plans.with_buffers(fp8.output_jobs(jobs, t_ckpt.tensors, settings.keep_fp8), t_ckpt)
     shards = engine.plan_shards(jobs, "model", parse_size(settings.max_shard_size))
     instruct_config = _read_json(residual_model.path / assets.INSTRUCT_CONFIG)
     grown = manifest.instruct_vocab_size if manifest.instruct_vocab_size != manifest.base_vocab_size else None
@@ -548,7 +558,9 @@ def _apply(
             model_ref=push.card_ref("PATH_OR_REPO_OF_THIS_MODEL"),
             license=_license(residual_model.path, target_model.path),
         )
-        _write_model_extras(staging, t_ckpt, instruct_config, grown, residual_model.path, card)
+        _write_model_extras(
+            staging, t_ckpt, instruct_config, grown, residual_model.path, card, settings.keep_fp8
+        )
     return Result(output, len(jobs), engine.total_bytes(shards), {"alpha": alpha, "distance": distance})
 
 
@@ -585,14 +597,16 @@ def port(
     commit_message: str | None = None,
     dry_run: bool = False,
     token: str | None = None,
+    keep_fp8: bool = False,
 ) -> Result:
     """``target + alpha * (instruct - base)`` in one pass; ``source`` may also be a residual folder or repo.
 
     ``base`` None: found from the instruct card's ``base_model`` or the table of known pairs.
     ``push_to`` publishes the verified folder (see ``extract``); ``output`` may then be None.
+    ``keep_fp8``: see ``apply``. Instruct and base may be FP8 too (dequantized as they are read).
     """
     push = Push(push_to, create_pr, private, commit_message, dry_run, token)
-    settings = _Settings(max_shard_size, overwrite, progress, push, force)
+    settings = _Settings(max_shard_size, overwrite, progress, push, force, keep_fp8)
     with _destination(output, push) as out, hub.progress_bars(progress):
         result = _port(source, to, out, base, alpha, (revision, base_revision, target_revision), settings)
         result.details["temporary_output"] = output is None
@@ -627,7 +641,9 @@ def _port(
     samples = _base_samples(b_ckpt)
     distance = _check_descendant(t_ckpt, samples, settings.force)
     _check_sampled_residual(pairs, samples, settings.force)
-    jobs = plans.with_buffers(plans.port_jobs(pairs, t_ckpt, alpha), t_ckpt)
+    fp8.check_keep_fp8(t_ckpt.tensors, settings.keep_fp8, t_ckpt.path)
+    jobs = fp8.output_jobs(plans.port_jobs(pairs, t_ckpt, alpha), t_ckpt.tensors, settings.keep_fp8)
+    jobs = plans.with_buffers(jobs, t_ckpt)
     shards = engine.plan_shards(jobs, "model", parse_size(settings.max_shard_size))
     grown = i_ckpt.vocab_size if i_ckpt.vocab_size != b_ckpt.vocab_size else None
     with staged_output(output, overwrite=overwrite, required_bytes=engine.total_bytes(shards)) as staging:
@@ -643,7 +659,7 @@ def _port(
             model_ref=push.card_ref("PATH_OR_REPO_OF_THIS_MODEL"),
             license=_license(target_model.path, source_model.path, base_model.path),
         )
-        _write_model_extras(staging, t_ckpt, i_ckpt.config, grown, source_model.path, card)
+        _write_model_extras(staging, t_ckpt, i_ckpt.config, grown, source_model.path, card, settings.keep_fp8)
     details = {"alpha": alpha, "distance": distance, "base": str(base), "base_source": base_source}
     return Result(output, len(jobs), engine.total_bytes(shards), details)
 
