@@ -240,11 +240,13 @@ def test_extract_and_apply_of_a_zero_residual_are_refused_then_forced(fam, tmp_p
 
 
 def test_fp8_tensor_is_named_with_what_to_do(fam, tmp_path, capsys):
+    """An FP8 weight without block scales (FP8 with ``weight_scale_inv`` is supported: tests/test_fp8.py)."""
     target = copy_model(fam.cpt, tmp_path / "target")
     name = "model.layers.0.mlp.up_proj.weight"
     rewrite(target, lambda t: t.update({name: t[name].to(torch.float8_e4m3fn)}))
     code, err = _port(capsys, fam.instruct, fam.base, target, tmp_path / "out")
     assert code == 2 and name in err and "F8_E4M3" in err and "FP8" in err and "dequantize" in err.lower()
+    assert "weight_scale_inv" in err
     assert "only floating-point weights are supported" not in err
     assert_nothing_written(tmp_path)
 

@@ -82,10 +82,11 @@ def _check_float(info: TensorInfo, role: str) -> None:
         return
     if info.dtype in FP8_DTYPES:
         raise IncompatibleModelsError(
-            f"tensor {info.name!r} of the {role} is {info.dtype} (8-bit floating point, FP8); hf-residual "
-            "computes with BF16, F16, F32 and F64 weights and does not support FP8 yet. Dequantize the model "
-            "to bfloat16 first (e.g. load it with transformers and save_pretrained in torch.bfloat16), or "
-            "use the unquantized release of the model"
+            f"tensor {info.name!r} of the {role} is {info.dtype} (8-bit floating point, FP8) without its "
+            f"block scales ({info.name + '_scale_inv'!r} is missing); hf-residual reads FP8 weights only "
+            "through their weight_scale_inv (the layout of FP8 releases such as DeepSeek-V3 and Qwen3-FP8). "
+            "Dequantize the model to bfloat16 first (e.g. load it with transformers and save_pretrained in "
+            "torch.bfloat16), or use the unquantized release of the model"
         )
     raise IncompatibleModelsError(
         f"tensor {info.name!r} of the {role} is {info.dtype} (integer) where the other models store a "
