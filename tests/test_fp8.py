@@ -139,12 +139,24 @@ def test_decode_reads_any_element_range_of_an_fp8_weight_through_its_block_scale
         os.close(fd)
 
 
-@pytest.mark.parametrize("block", [None, 1000])  # one engine block per tensor; blocks of whole rows
+@pytest.mark.parametrize(
+    ("block", "path"),  # one engine block per tensor, or blocks of whole rows (1000 -> 960 or 640)
+    [(None, "fused"), (1000, "fused"), (1000, "numpy"), (1000, "mmap")],
+)
 def test_port_fp8_instruct_and_base_onto_bf16_target_matches_dequantized_reference(
-    family, tmp_path, monkeypatch, block
+    family, tmp_path, monkeypatch, block, path
 ):
+    from hf_residual import fused
+
     if block:
         monkeypatch.setattr(engine, "DEFAULT_BLOCK", block)
+    if path == "numpy":
+        monkeypatch.setattr(fused, "AVAILABLE", False)
+    if path == "mmap":
+        monkeypatch.setattr(engine, "READ_MODE", "mmap")
+    chosen = []
+    choose = engine._fused_kernel
+    monkeypatch.setattr(engine, "_fused_kernel", lambda *a: chosen.append(choose(*a)) or chosen[-1])
     instruct, base = tmp_path / "instruct-fp8", tmp_path / "base-fp8"
     make_fp8(family.instruct, instruct)
     make_fp8(family.base, base, split_scales=True)
@@ -156,6 +168,7 @@ def test_port_fp8_instruct_and_base_onto_bf16_target_matches_dequantized_referen
         assert got[name].dtype == torch.bfloat16
         expected = (t[name].float() + (i[name].float() - b[name].float())).to(torch.bfloat16)
         assert torch.equal(bits(got[name]), bits(expected)), name
+    assert (fused.port_block in chosen) == (path != "numpy")  # FP8 inputs dequantized, then fused
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)
@@ -182,8 +195,8 @@ def test_bf16_residual_onto_fp8_target_writes_bf16_and_drops_quantization_config
         residual = {n: i[n].float() - b[n].float() for n in i}
     else:
         r = api.extract(family.instruct, family.base, tmp_path / "r", dtype="float32", progress=False).output
-        out = api.apply(r, target, tmp_path / "out", progress=False).output
-        residual = load_tensors(r)
+        out = api.apply(r, target, tmp_path / "out", alpha=0.7, progress=False).output
+        residual = {n: x * torch.tensor(0.7) for n, x in load_tensors(r).items()}
     got, t = load_tensors(out), values(target)
     assert got.keys() == t.keys()  # no weight_scale_inv left
     for name in t:

@@ -679,7 +679,7 @@ def _fused_kernel(segment: Segment, out_dtype: str):
         not fused.AVAILABLE
         or segment.roundtrip_of is not None
         or out_dtype not in fused.VIEW_DTYPES
-        or any(s.info.dtype not in fused.VIEW_DTYPES for s in sources)
+        or any(s.info.dtype not in fused.VIEW_DTYPES and not fp8.is_scaled(s.info) for s in sources)
     ):
         return None
     if segment.minus is not None and segment.addend is not None:
@@ -736,6 +736,12 @@ def _read_view(
     digests: _InputDigests,
 ) -> np.ndarray:
     info = source.info
+    if fp8.is_scaled(info):  # FP8: dequantized to float32 here (table and block scales), fused after
+        values = buffers.raws[role][: count * 4].view(np.float32)
+        element = source.start + offset
+        sink = (lambda raw: digests.feed(source, element, count, raw)) if source.sha256 else None
+        kernels.decode(files.fd(info.file), info, element, count, values, buffers, sink)
+        return values
     # A checked input is read straight into a hasher buffer (no copy): the kernel and the hasher both
     # only read it, and the buffer is not reused before the hasher hands it back.
     owned = digests.take() if source.sha256 is not None else None
@@ -763,10 +769,18 @@ def _run_fused(
     if READ_MODE == "mmap":
         maps = _MappedInputs()
         try:
-            sources = [s for s in (segment.plus, segment.minus, segment.addend) if s is not None]
-            views = [maps.view(files.fd(s.info.file), s, offset, count) for s in sources]
-            for k, source in enumerate(sources):  # no name left holding a view: maps.close() unmaps
-                digests.feed(source, source.start + offset, count, views[k])
+            roles = [
+                (r, s) for r, s in enumerate((segment.plus, segment.minus, segment.addend)) if s is not None
+            ]
+            views = [
+                _read_view(role, s, offset, count, files, buffers, digests)
+                if fp8.is_scaled(s.info)
+                else maps.view(files.fd(s.info.file), s, offset, count)
+                for role, s in roles
+            ]
+            for k, (_, source) in enumerate(roles):  # no name left holding a view: maps.close() unmaps
+                if not fp8.is_scaled(source.info):
+                    digests.feed(source, source.start + offset, count, views[k])
             worst = _call_kernel(kernel, views, alpha, target)
             del views
         finally:
