@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from hf_residual import api
 from hf_residual.cli import main
 from hf_residual.cpt import sharded
+from hf_residual.errors import InputNotFoundError
 
 NEWS = [
     "The council of Quellport voted on Monday to build a new bridge over the river Amsel.",
@@ -320,3 +321,36 @@ def test_resume_does_not_port_twice_and_redoes_an_interrupted_port(setup, tmp_pa
         load_tensors(out / "ported-checkpoint-4"),
         _port_reference(residual, out / "checkpoint-4", tmp_path / "ref"),
     )
+
+
+def test_consolidated_tied_model_without_config_ports_like_the_original(families, tmp_path):
+    """A DCP checkpoint of a model with tied embeddings, without config.json (as the Trainer leaves
+    it): the config comes from the run folder above, the tied duplicate is left out like
+    save_pretrained does, and the port equals the port of the original folder bit for bit."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    family = families("qwen2", "float32")  # tied word embeddings
+    residual = api.extract(family.instruct, family.base, tmp_path / "residual", progress=False).output
+    model = AutoModelForCausalLM.from_pretrained(family.cpt)
+    assert model.config.tie_word_embeddings
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoint-3"
+    shards = checkpoint / "pytorch_model_fsdp_0"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=shards, no_dist=True)
+    assert "model.lm_head.weight" in dcp.FileSystemReader(str(shards)).read_metadata().state_dict_metadata
+    shutil.copytree(checkpoint, tmp_path / "elsewhere" / checkpoint.name)
+    model.config.save_pretrained(run)
+
+    with sharded.consolidate(checkpoint) as folder:
+        assert load_tensors(folder).keys() == load_tensors(family.cpt).keys()  # no lm_head.weight
+        ported = _port_reference(residual, folder, tmp_path / "ported")
+    _assert_same_bits(ported, _port_reference(residual, family.cpt, tmp_path / "expected"))
+    assert not list(run.glob(".*"))
+    with (
+        pytest.raises(InputNotFoundError, match="no config.json"),
+        sharded.consolidate(tmp_path / "elsewhere" / checkpoint.name),
+    ):
+        pass

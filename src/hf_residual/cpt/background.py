@@ -141,7 +141,10 @@ class BackgroundPorter:
             job = self._queue.get()
             try:
                 self.running = job
-                result = run_child(job)
+                try:
+                    result = run_child(job)
+                except Exception as error:  # e.g. the log folder cannot be written: a failed port
+                    result = {"step": job.step, "ok": False, "error": f"{type(error).__name__}: {error}"}
                 if self.on_finished is not None:
                     try:
                         self.on_finished(result)
