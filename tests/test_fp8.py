@@ -337,3 +337,14 @@ def test_quantized_tensor_names_and_gguf_files_are_refused(family, tmp_path):
         IncompatibleModelsError, match="only GGUF files found \\(model-Q4_K_M.gguf\\).*safetensors"
     ):
         api.port(family.instruct, gguf, tmp_path / "out2", base=family.base, progress=False)
+
+
+def test_gguf_only_hub_repo_is_refused_naming_gguf_before_download(hub, family, tmp_path):
+    repo = "org/gguf-only"
+    hub.add_repo(
+        repo,
+        files={"config.json": (family.cpt / "config.json").read_bytes(), "m-Q4_K_M.gguf": b"GGUF" * 50_000},
+    )
+    with pytest.raises(IncompatibleModelsError, match="target model org/gguf-only: only GGUF files found"):
+        api.port(family.instruct, repo, tmp_path / "out", base=family.base, progress=False)
+    assert list((tmp_path / "hf_home").rglob("*.gguf")) == []

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from hf_residual.assets import GENERATION_CONFIG, INSTRUCT_CONFIG, TOKENIZER_FILES, TOKENIZER_FOLDERS
 from hf_residual.checkpoint import PICKLE_SUFFIXES, WeightSelection, select_weight_files
-from hf_residual.errors import CorruptCheckpointError, PickledWeightsError
+from hf_residual.errors import CorruptCheckpointError, IncompatibleModelsError, PickledWeightsError
+from hf_residual.fp8 import gguf_message
 from hf_residual.hub import (
     LOGIN_HINT,
     GatedRepoError,
@@ -153,6 +154,9 @@ def check_weights(repo_id: str, files: list[str], selection: WeightSelection, ro
     """Refuse before downloading when there are no safetensors weights (pickles anywhere are ignored)."""
     if selection.files:
         return
+    gguf = [f for f in files if f.endswith(".gguf")]
+    if gguf:  # llama.cpp's quantized format: say so, and what to use instead
+        raise IncompatibleModelsError(gguf_message(f"{role} {repo_id}", gguf))
     pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if pickled:
         raise PickledWeightsError(
