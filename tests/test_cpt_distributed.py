@@ -301,7 +301,10 @@ def test_resume_does_not_port_twice_and_redoes_an_interrupted_port(setup, tmp_pa
     config = _write_config(family, root, residual, out, max_steps=4, save_total_limit=None)
     first = run_cpt(config)
     assert [p.name for p in first.ported] == ["ported-checkpoint-2", "ported-checkpoint-4"]
-    # an interrupted port of checkpoint-4: its staging folder was left, the final folder never appeared
+    # an interrupted port of checkpoint-4: its staging folder was left, the final folder never appeared,
+    # and no result was written (the result file is removed when a port starts)
+    (out / "ported-logs" / "port-4.result.json").unlink()
+    (out / ".checkpoint-4.consolidated-x1").mkdir()
     os.rename(out / "ported-checkpoint-4", out / ".ported-checkpoint-4.partial-deadbeef")
 
     settings = yaml.safe_load(config.read_text())
@@ -316,11 +319,15 @@ def test_resume_does_not_port_twice_and_redoes_an_interrupted_port(setup, tmp_pa
     ]
     assert (out / "ported-logs" / "port-2.log").read_text().count("$ ") == 1  # ported once, in the first run
     assert (out / "ported-logs" / "port-4.log").read_text().count("$ ") == 2  # redone after the interruption
-    assert not list(out.glob(".ported-checkpoint-*.partial-*"))
+    assert not list(out.glob(".ported-checkpoint-*.partial-*")) and not list(out.glob(".checkpoint-*"))
     _assert_same_bits(
         load_tensors(out / "ported-checkpoint-4"),
         _port_reference(residual, out / "checkpoint-4", tmp_path / "ref"),
     )
+    # ported-checkpoint-2 was rotated away, checkpoint-2 is still there: resuming again leaves it alone
+    third = run_cpt(settings | {"max_steps": 8, "resume_from_checkpoint": True})
+    assert [p.name for p in third.ported] == ["ported-checkpoint-8"] and third.port_failures == []
+    assert (out / "ported-logs" / "port-2.log").read_text().count("$ ") == 1
 
 
 def test_consolidated_tied_model_without_config_ports_like_the_original(families, tmp_path):

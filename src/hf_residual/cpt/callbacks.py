@@ -187,20 +187,30 @@ class ResidualPortCallback(TrainerCallback):
         logger.info("queued the port of %s (log: %s)", checkpoint, job.log)
 
     def _done(self, output_dir: Path, checkpoint: Path) -> bool:
-        if self.write_ported:
-            return ported_path(checkpoint).is_dir()
+        """Ported by an earlier run: its result says so (its folder may since have been rotated away),
+        or the folder is there. A port that was interrupted left neither (its result file is removed
+        when it starts, and the engine renames the folder into place only when it is complete)."""
         import json
 
+        if self.write_ported and ported_path(checkpoint).is_dir():
+            return True
         result = output_dir / LOG_FOLDER / f"port-{_step_of(checkpoint)}.result.json"
-        return result.is_file() and json.loads(result.read_text()).get("ok", False)
+        try:
+            return bool(json.loads(result.read_text()).get("ok", False))
+        except (OSError, ValueError):
+            return False
 
     def _resume(self, output_dir: Path) -> None:
         """Port the checkpoints of an earlier run whose port never finished (the rest are left alone)."""
         shutil.rmtree(output_dir / QUEUE_FOLDER, ignore_errors=True)
-        for leftover in list(output_dir.glob(f".{PORTED_PREFIX}checkpoint-*.partial-*")) + list(
-            output_dir.glob(".port-*")
-        ):
-            shutil.rmtree(leftover, ignore_errors=True)  # an interrupted port's staging or scratch folder
+        leftovers = [  # an interrupted port's staging, scratch and consolidation folders
+            *output_dir.glob(f".{PORTED_PREFIX}checkpoint-*.partial-*"),
+            *output_dir.glob(".port-*"),
+            *(output_dir / LOG_FOLDER).glob(".port-*"),
+            *output_dir.glob(".checkpoint-*.consolidated-*"),
+        ]
+        for leftover in leftovers:
+            shutil.rmtree(leftover, ignore_errors=True)
         checkpoints = sorted(
             (p for p in output_dir.glob("checkpoint-*") if p.is_dir() and _step_of(p) is not None),
             key=_step_of,
