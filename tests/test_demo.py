@@ -7,6 +7,10 @@ paper's pattern with the required margins.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -122,6 +126,23 @@ def test_demo_drift_callback_and_offline_suite_judge_with_the_same_function(monk
         assert demo == cpt == offline == expected, rule
 
 
+def test_pattern_checks_compare_exact_shares_not_rounded_ones():
+    """Seed 1 of the quick profile: the ported model kept 22 of the 48 B facts, the CPT'd base knew 44."""
+    from hf_residual.demo import report
+
+    prof = get_profile("tiny")
+    scores = {
+        "base": {"if_strict": 0.0, "know_b": 4 / 48},
+        "instruct": {"if_strict": 0.9, "know_b": 5 / 48},
+        "cpt-base-S": {"if_strict": 0.0, "know_b": 44 / 48},
+        "cpt-instruct-S": {"if_strict": 0.07, "know_b": 45 / 48},
+        "ported-S": {"if_strict": 0.72, "know_b": 22 / 48},
+    }
+    (check,) = report.pattern_checks(report.table_rows(scores, prof), prof)
+    assert check["know_b_share_of_cpt_base"] == 0.5 and check["passed"], check
+    assert "0.46" in report.text_table(report.table_rows(scores, prof))
+
+
 def test_world_keeps_eval_combinations_and_b_entities_out_of_chat_data():
     w = world.build_world(seed=3, n_a=12, n_b=6, holdout=0.2, eval_per_set=20)
     trained = {(it.fact, it.fmt) for it in w.sft}
@@ -190,6 +211,51 @@ def test_second_run_reuses_cached_models_and_cli_prints_table(tiny_demo, capsys)
     assert weights.stat().st_mtime_ns == before
     assert "ported-S" in out and "IF strict" in out and "total" in out
     assert "continual pre-training (CPT)" in out
+
+
+FRESH_RUN = """
+import sys
+from hf_residual.cli import main
+sys.exit(main(["demo", "--profile", "tiny", "-o", sys.argv[1]]))
+"""
+
+
+def _fresh_tiny_demo(folder, hash_seed: int) -> tuple[str, str, dict]:
+    """``hf-residual demo --profile tiny`` in a new process: what it printed (less the stage times and the
+    folder), results.md, and results.json less its timings."""
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed)}
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_RUN, str(folder)], env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    start = done.stdout.index("hf-residual demo, profile tiny")
+    printed = done.stdout[start : done.stdout.index("\n\n  data ", start)]
+    data = json.loads((folder / "results.json").read_text())
+    assert data.pop("timings_s") and data.pop("total_s")
+    return printed, (folder / "results.md").read_text(), data
+
+
+def test_two_fresh_demo_runs_print_the_same_table(tmp_path):
+    """Deterministic on CPU for a seed, the library versions, the CPU kernels and the thread count, which the
+    output names: two fresh processes (different hash seeds, side by side on the machine's cores) print the
+    same table and write byte-identical results.md and results.json (less the stage times)."""
+    import torch
+
+    from hf_residual.demo import report
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(_fresh_tiny_demo, [tmp_path / "one", tmp_path / "two"], [1, 2])
+    assert first == second
+    printed, results_md, data = first
+    assert "ported-S" in printed and "size S" in printed
+    env = data["environment"]
+    assert env == report.environment(threads=1)
+    assert env["torch"] == torch.__version__ and env["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
+    named = f"{env['cpu_kernels']} CPU kernels, 1 thread"
+    assert (
+        f"torch {env['torch']}, transformers" in printed.splitlines()[0] and named in printed.splitlines()[0]
+    )
+    assert report.environment_text(env) in results_md
 
 
 @pytest.mark.slow

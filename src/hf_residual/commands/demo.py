@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         args.output, profile=profile, seed=args.seed, rebuild=args.rebuild, threads=args.threads
     )
     print()
-    print(f"hf-residual demo, profile {result.profile}, seed {result.seed}")
+    environment = report.environment_text(result.environment)
+    print(f"hf-residual demo, profile {result.profile}, seed {result.seed} ({environment})")
     print(report.text_table(result.rows))
     print()
     print(report.checks_text(result.checks))

@@ -22,7 +22,7 @@ _INSTRUCTIONS = {
     "brackets": ["Wrap your answer in square brackets.", "Put your whole answer inside [ and ]."],
     "quotes": ["Wrap your answer in double quotes.", "Put your whole answer in quotation marks."],
     "twice": ["Say your answer twice.", "Repeat your answer two times."],
-    "json": ["Reply in JSON.", "Give the answer in JSON format."],
+    "json": ["Reply in JSON.", "Give the answer as a JSON object."],
     "prefix": ["Start your reply with 'Answer:'.", "Begin with the word 'Answer:'."],
     "bullet": ["Answer as a bullet point.", "Reply as a list item starting with a dash."],
     **{f"keyword{i}": [f"Use the word '{k}' in your reply."] for i, k in enumerate(KEYWORDS)},

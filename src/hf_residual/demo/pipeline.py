@@ -33,6 +33,7 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)  # versions, CPU kernels, threads (report.environment)
 
 
 class _Clock:
@@ -213,7 +214,8 @@ def run_demo(
             rows = report.table_rows(scores, prof)
             checks = report.pattern_checks(rows, prof)
             passed = all(c["passed"] for c in checks)
-            files = report.write(output, rows, checks, prof, seed)
+            env = report.environment(threads)
+            files = report.write(output, rows, checks, prof, seed, env)
     finally:
         torch.set_num_threads(previous_threads)
         if bars:
@@ -222,7 +224,7 @@ def run_demo(
             transformers_logging.enable_progress_bar()
     total = time.perf_counter() - started
     timings = {k: round(v, 1) for k, v in clock.timings.items()}
-    result = DemoResult(output, prof.name, seed, rows, checks, passed, timings, round(total, 1), files)
+    result = DemoResult(output, prof.name, seed, rows, checks, passed, timings, round(total, 1), files, env)
     report.write_timings(output, result.timings, result.total_seconds)
     return result
 

@@ -27,7 +27,10 @@ COLUMNS = [
 
 
 def table_rows(scores: dict[str, dict], prof: Profile) -> list[dict]:
-    """One row per model in the paper's order: base, instruct, then CPT'd base, instruct, ported per size."""
+    """One row per model in the paper's order: base, instruct, then CPT'd base, instruct, ported per size.
+
+    Scores stay exact (shares of 48 or 128 items): the pattern checks compare them, and rounding first
+    turned 22 of 44 facts kept into less than half. Tables print 2 decimals, results.json keeps 3."""
     order = [("base", "base", 0), ("instruct", "instruct", 0)]
     for label, tokens in zip(prof.labels, prof.cpt_tokens, strict=True):
         order += [
@@ -39,7 +42,7 @@ def table_rows(scores: dict[str, dict], prof: Profile) -> list[dict]:
     for name, role, tokens in order:
         s = scores[name]
         row = {"model": name, "role": role, "cpt_tokens": tokens}
-        row.update({k: round(s[k], 3) for k, _ in COLUMNS if k in s})
+        row.update({k: s[k] for k, _ in COLUMNS if k in s})
         rows.append(row)
     return rows
 
@@ -87,9 +90,9 @@ def text_table(rows: list[dict]) -> str:
     head = [title for _, title in COLUMNS]
     body = [[_cell(r.get(k, "")) for k, _ in COLUMNS] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in body]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in body]
     return "\n".join(lines)
 
 
@@ -102,11 +105,39 @@ def checks_text(checks: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: list[dict], checks: list[dict], prof: Profile, seed: int) -> str:
+def environment(threads: int) -> dict:
+    """What, besides the settings and the seed, the numbers depend on: the torch, transformers and tokenizers
+    versions, the CPU kernels torch picked (AVX512, AVX2, ...: each rounds differently, docs/DEMO.md) and the
+    thread count. Two runs that agree on all of these train bit-identical models."""
+    import tokenizers
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads,
+    }
+
+
+def environment_text(env: dict) -> str:
+    threads = f"{env['threads']} thread" + ("s" if env["threads"] != 1 else "")
+    libraries = f"torch {env['torch']}, transformers {env['transformers']}, tokenizers {env['tokenizers']}"
+    return f"{libraries}, {env['cpu_kernels']} CPU kernels, {threads}"
+
+
+def markdown(rows: list[dict], checks: list[dict], prof: Profile, seed: int, env: dict | None = None) -> str:
     head = [title for _, title in COLUMNS]
     lines = [
         f"# hf-residual demo: profile `{prof.name}`, seed {seed}",
         "",
+        *(
+            [f"Trained with {environment_text(env)} (the numbers are reproducible with these).", ""]
+            if env
+            else []
+        ),
         "IF = share of held-out chat prompts whose reply follows the format instruction (checked by code), "
         "on prompts about A entities (held-out combinations) and B entities (only seen in CPT text). "
         "Knowledge = exact completion of facts about A and B entities.",
@@ -153,7 +184,9 @@ def plot(rows: list[dict], prof: Profile, path: Path) -> None:
     plt.close(fig)
 
 
-def write(output: Path, rows: list[dict], checks: list[dict], prof: Profile, seed: int) -> dict[str, str]:
+def write(
+    output: Path, rows: list[dict], checks: list[dict], prof: Profile, seed: int, env: dict | None = None
+) -> dict[str, str]:
     """results.md, results.json and figure.png under ``output``; returns their paths."""
     output.mkdir(parents=True, exist_ok=True)
     files = {
@@ -161,8 +194,9 @@ def write(output: Path, rows: list[dict], checks: list[dict], prof: Profile, see
         "json": output / "results.json",
         "plot": output / "figure.png",
     }
-    files["markdown"].write_text(markdown(rows, checks, prof, seed))
-    data = {"profile": prof.name, "seed": seed, "rows": rows, "checks": checks}
+    files["markdown"].write_text(markdown(rows, checks, prof, seed, env))
+    rounded = [{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
+    data = {"profile": prof.name, "seed": seed, "environment": env, "rows": rounded, "checks": checks}
     files["json"].write_text(json.dumps(data, indent=2) + "\n")
     try:
         plot(rows, prof, files["plot"])
