@@ -117,7 +117,13 @@ def layout(folder) -> dict[str, tuple[str, list[int]]]:
     return out
 
 
-def test_decode_reads_any_element_range_of_an_fp8_weight_through_its_block_scales(tmp_path):
+@pytest.mark.parametrize("numba", [True, False])  # fused.dequant_block, or numpy's table and row runs
+def test_decode_reads_any_element_range_of_an_fp8_weight_through_its_block_scales(
+    tmp_path, monkeypatch, numba
+):
+    from hf_residual import fused
+
+    monkeypatch.setattr(fused, "AVAILABLE", numba and fused.AVAILABLE)
     torch.manual_seed(0)
     weight = torch.randn(300, 200) * torch.linspace(0.01, 3, 200)
     codes, scale = quantize(weight, (128, 128))

@@ -126,3 +126,20 @@ if AVAILABLE:
             worst = max(worst, _f32_as_u32(value) & np.uint32(0x7FFFFFFF))
             _store(out, k, value)
         return worst
+
+    @njit(nogil=True, cache=True, boundscheck=False)
+    def dequant_block(codes, table, rows, start, cols, block_rows, out):
+        """FP8 with block scales: ``out[k] = table[codes[k]] * rows[r // block_rows, c]`` for element
+        ``start + k`` = ``(r, c)`` of a ``cols``-column matrix (``rows``: scales expanded along columns)."""
+        count = out.size
+        row = start // cols
+        col = start - row * cols
+        k = 0
+        while k < count:
+            scales = rows[row // block_rows]
+            n = min(cols - col, count - k)
+            for j in range(n):
+                out[k + j] = table[codes[k + j]] * scales[col + j]
+            k += n
+            row += 1
+            col = 0
