@@ -361,3 +361,47 @@ def test_consolidated_tied_model_without_config_ports_like_the_original(families
         sharded.consolidate(tmp_path / "elsewhere" / checkpoint.name),
     ):
         pass
+
+
+def test_drift_only_callback_in_a_plain_trainer_logs_under_each_checkpoint_step(setup, tmp_path):
+    """``ResidualPortCallback(drift=..., write_ported=False)`` in a user's own Trainer: every checkpoint is
+    scored in the background, nothing is kept, ``on_train_end`` waits for the last one, and each score
+    reaches the logging callbacks once, with the state's step set to its checkpoint's step."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from hf_residual.cpt.callbacks import ResidualPortCallback
+    from hf_residual.cpt.packing import packing_collator, prepare_model
+
+    family, _, residual = setup
+
+    class Recorder(TrainerCallback):
+        logged: list[tuple[int, dict]] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logged.append((state.global_step, dict(logs or {})))
+
+    tokenizer = AutoTokenizer.from_pretrained(family.cpt)
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(family.cpt))
+    rows = Dataset.from_dict({"input_ids": [[1, 5, 6, 7, 3]] * 4, "seq_lengths": [[5]] * 4})
+    drift = {"prompts": ["Hi?"], "checks": ["upper"], "max_new_tokens": 2}
+    port = ResidualPortCallback(residual, drift=drift, write_ported=False)
+    args = TrainingArguments(
+        str(tmp_path / "run"), max_steps=2, save_steps=1, use_cpu=True, report_to="none",
+        remove_unused_columns=False, disable_tqdm=True, logging_steps=1,
+    )  # fmt: skip
+    recorder = Recorder()
+    trainer = Trainer(
+        model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+        data_collator=packing_collator(tokenizer), callbacks=[port, recorder],
+    )  # fmt: skip
+    port.attach(trainer)
+    trainer.train()
+    assert port.failures == [] and port.ported == []
+    assert not list((tmp_path / "run").glob("ported-checkpoint-*"))
+    scored = [(step, logs) for step, logs in recorder.logged if "drift/raw/all" in logs]
+    assert [step for step, _ in scored] == [1, 2]
+    assert all(
+        {"drift/raw/upper", "drift/ported/all", "drift/ported/upper"} <= logs.keys() for _, logs in scored
+    )
+    history = [e["step"] for e in trainer.state.log_history if "drift/ported/all" in e]
+    assert history == [1, 2]
