@@ -189,6 +189,13 @@ def test_extract_from_fp8_instruct_and_base_is_the_dequantized_difference(family
     assert got.keys() == i.keys()
     for name in i:
         assert torch.equal(bits(got[name]), bits(i[name].float() - b[name].float())), name
+    manifest = json.loads((residual / "residual.json").read_text())
+    assert manifest["lossless"] is False  # B + R gives the dequantized weights, not the FP8 codes
+    assert manifest["tensors"]["model.layers.0.mlp.up_proj.weight"]["source_dtype"] == "F8_E4M3"
+    out = api.apply(residual, family.cpt, tmp_path / "out", progress=False).output
+    t, ported = load_tensors(family.cpt), load_tensors(out)
+    for name in t:
+        assert torch.equal(bits(ported[name]), bits((t[name].float() + got[name]).to(torch.bfloat16))), name
 
 
 @pytest.mark.parametrize("via", ["port", "apply"])
