@@ -361,3 +361,35 @@ def test_gguf_only_hub_repo_is_refused_naming_gguf_before_download(hub, family, 
     with pytest.raises(IncompatibleModelsError, match="target model org/gguf-only: only GGUF files found"):
         api.port(family.instruct, repo, tmp_path / "out", base=family.base, progress=False)
     assert list((tmp_path / "hf_home").rglob("*.gguf")) == []
+
+
+@pytest.mark.parametrize(("dtype", "torch_dtype"), [("F8_E4M3", F8), ("F8_E5M2", torch.float8_e5m2)])
+def test_fp8_encode_rounds_like_torch_and_saturates(dtype, torch_dtype):
+    from hf_residual import fp8
+
+    limit = torch.finfo(torch_dtype).max
+    torch.manual_seed(0)
+    x = torch.randn(100_000) * torch.exp(torch.randn(100_000) * 4)
+    x = x.clamp(-limit, limit)
+    exact = torch.arange(256, dtype=torch.uint8).view(torch_dtype).float()
+    exact = exact[exact.isfinite()]
+    ordered = exact[exact >= 0].unique()
+    ties = (ordered[1:] + ordered[:-1]) / 2  # half way between neighbours: to the even code
+    x = torch.cat([x, exact, ties, -ties, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    assert np.array_equal(fp8.encode(x.numpy(), dtype), x.to(torch_dtype).view(torch.uint8).numpy())
+    beyond = np.array([limit * 1.5, -limit * 4, 3e38], np.float32)  # torch gives NaN/Inf; we saturate
+    assert fp8.encode(beyond, dtype).tolist() == [
+        fp8.MAX_CODE[dtype],
+        0x80 | fp8.MAX_CODE[dtype],
+        fp8.MAX_CODE[dtype],
+    ]
+
+
+def test_keep_fp8_on_the_command_line_with_port(family, tmp_path):
+    from hf_residual.cli import main
+
+    target = tmp_path / "cpt-fp8"
+    make_fp8(family.cpt, target)
+    argv = ["port", str(family.instruct), "--base", str(family.base), "--to", str(target), "--keep-fp8", "-q"]
+    assert main([*argv, "-o", str(tmp_path / "out")]) == 0
+    assert layout(tmp_path / "out") == layout(target)
