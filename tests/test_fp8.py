@@ -393,3 +393,34 @@ def test_keep_fp8_on_the_command_line_with_port(family, tmp_path):
     argv = ["port", str(family.instruct), "--base", str(family.base), "--to", str(target), "--keep-fp8", "-q"]
     assert main([*argv, "-o", str(tmp_path / "out")]) == 0
     assert layout(tmp_path / "out") == layout(target)
+
+
+@pytest.mark.parametrize("keep_fp8", [True, False])
+def test_an_fp8_tensor_copied_unchanged_keeps_its_bytes_and_scales_or_becomes_bf16(tmp_path, keep_fp8):
+    """A target tensor outside the residual (a multimodal target's vision tower) copied through."""
+    from hf_residual import fp8
+    from hf_residual.engine import Segment, Source, TensorJob
+    from hf_residual.safetensors_io import OutputTensor
+
+    torch.manual_seed(0)
+    codes, scale = quantize(torch.randn(200, 300), (128, 128))
+    (tmp_path / "m").mkdir()
+    save_file({"v.weight": codes, "v.weight_scale_inv": scale}, tmp_path / "m" / "model.safetensors")
+    tensors = open_checkpoint(tmp_path / "m").tensors
+    info = tensors["v.weight"]
+    copy = TensorJob(
+        OutputTensor("v.weight", info.dtype, info.shape), (Segment(0, info.numel, plus=Source(info)),)
+    )
+    jobs = fp8.output_jobs([copy], tensors, keep_fp8)
+    (tmp_path / "out").mkdir()
+    engine.execute(engine.plan_shards(jobs, "model"), tmp_path / "out")
+    got = load_tensors(tmp_path / "out")
+    if keep_fp8:
+        assert got.keys() == {"v.weight", "v.weight_scale_inv"}
+        assert torch.equal(got["v.weight"].view(torch.uint8), codes.view(torch.uint8))
+        assert torch.equal(got["v.weight_scale_inv"], scale)
+    else:
+        assert got.keys() == {"v.weight"}
+        assert torch.equal(
+            bits(got["v.weight"]), bits(dequantize(codes, scale, (128, 128)).to(torch.bfloat16))
+        )

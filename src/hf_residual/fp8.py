@@ -265,8 +265,12 @@ def has_fp8(tensors: dict[str, TensorInfo]) -> bool:
 
 
 def output_jobs(jobs: list, target_tensors: dict[str, TensorInfo], keep_fp8: bool) -> list:
-    """Jobs writing the target's FP8 weights: BF16 by default, re-quantized FP8 with ``keep_fp8``."""
-    from hf_residual.engine import TensorJob
+    """Jobs writing the target's FP8 weights: BF16 by default, re-quantized FP8 with ``keep_fp8``.
+
+    A job that copies a target FP8 tensor unchanged (a tensor outside the residual, e.g. a multimodal
+    target's vision tower) is, with ``keep_fp8``, a byte copy of the codes and of the scales.
+    """
+    from hf_residual.engine import Segment, Source, TensorJob
 
     out = []
     for job in jobs:
@@ -274,7 +278,16 @@ def output_jobs(jobs: list, target_tensors: dict[str, TensorInfo], keep_fp8: boo
         if info is None or not is_scaled(info):
             out.append(job)
             continue
-        if keep_fp8:
+        if keep_fp8 and _copies(job, info):
+            scale = info.scale
+            out.append(TensorJob(OutputTensor(job.out.name, info.dtype, info.shape), job.segments))
+            out.append(
+                TensorJob(
+                    OutputTensor(scale_name(job.out.name), "F32", scale.shape),
+                    (Segment(0, scale.numel, plus=Source(scale)),),
+                )
+            )
+        elif keep_fp8:
             scale = OutputTensor(scale_name(job.out.name), "F32", info.scale.shape)
             tensor = OutputTensor(job.out.name, info.dtype, info.shape)
             out.append(TensorJob(tensor, job.segments, job.collect_norms, Quantize(scale, info.block)))
@@ -283,6 +296,21 @@ def output_jobs(jobs: list, target_tensors: dict[str, TensorInfo], keep_fp8: boo
                 TensorJob(OutputTensor(job.out.name, "BF16", job.out.shape), job.segments, job.collect_norms)
             )
     return out
+
+
+def _copies(job, info: ScaledInfo) -> bool:
+    """Whether ``job`` writes ``info`` as it is (one segment: plus = the whole tensor, nothing else)."""
+    if len(job.segments) != 1:
+        return False
+    (segment,) = job.segments
+    return (
+        segment.minus is None
+        and segment.addend is None
+        and segment.alpha == 1.0
+        and segment.plus.info == info
+        and segment.plus.start == 0
+        and (segment.start, segment.stop) == (0, info.numel)
+    )
 
 
 def check_keep_fp8(target_tensors: dict[str, TensorInfo], keep_fp8: bool, target: Path) -> None:
