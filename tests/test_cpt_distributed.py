@@ -405,3 +405,24 @@ def test_drift_only_callback_in_a_plain_trainer_logs_under_each_checkpoint_step(
     )
     history = [e["step"] for e in trainer.state.log_history if "drift/ported/all" in e]
     assert history == [1, 2]
+
+
+def test_documented_slurm_launch_parses_with_accelerate():
+    """The SLURM example of docs/CPT.md is a command accelerate's own parser accepts, for hf-residual cpt."""
+    import re
+    import shlex
+
+    from accelerate.commands.launch import launch_command_parser
+
+    text = (Path(__file__).parents[1] / "docs" / "CPT.md").read_text()
+    script = next(b.split("```", 1)[0] for b in text.split("```bash\n")[1:] if "#SBATCH" in b)
+    inner = re.search(r"srun bash -c '(.*?)'", script, re.S).group(1).replace("\\\n", " ")
+    values = {"$SLURM_NNODES": "4", "$((SLURM_NNODES * 8))": "32", "$SLURM_NODEID": "1",
+              "$MASTER_ADDR": "node1", "$MASTER_PORT": "29500"}  # fmt: skip
+    for name, value in values.items():
+        inner = inner.replace(name, value)
+    words = shlex.split(inner)
+    assert words[:2] == ["accelerate", "launch"]
+    args = launch_command_parser().parse_args(words[2:])
+    assert (args.num_machines, args.num_processes, args.machine_rank) == (4, 32, 1)
+    assert args.module and args.training_script == "hf_residual.cli" and args.training_script_args[0] == "cpt"
