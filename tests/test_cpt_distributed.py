@@ -426,3 +426,44 @@ def test_documented_slurm_launch_parses_with_accelerate():
     args = launch_command_parser().parse_args(words[2:])
     assert (args.num_machines, args.num_processes, args.machine_rank) == (4, 32, 1)
     assert args.module and args.training_script == "hf_residual.cli" and args.training_script_args[0] == "cpt"
+
+
+def test_background_ports_push_one_commit_per_checkpoint(setup, hub, monkeypatch, tmp_path):
+    """``push_to``: the background process pushes each ported checkpoint (the token and the Hub endpoint
+    reach it through the environment), one commit per checkpoint, while the local folders stay."""
+    import uuid
+
+    from hubserver import add_family
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from hf_residual.cpt.callbacks import ResidualPortCallback
+    from hf_residual.cpt.packing import packing_collator, prepare_model
+
+    family, _, _ = setup
+    hub.add_token("hf_cptWriterToken", "tester", {"org"})
+    monkeypatch.setenv("HF_TOKEN", "hf_cptWriterToken")
+    ids = add_family(hub, family, f"org/m{uuid.uuid4().hex[:8]}")  # the instruct model, from the Hub
+    repo = f"org/cpt-instruct-{uuid.uuid4().hex[:6]}"
+    tokenizer = AutoTokenizer.from_pretrained(family.cpt)
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(family.cpt))
+    rows = Dataset.from_dict({"input_ids": [[1, 5, 6, 7, 3]] * 4, "seq_lengths": [[5]] * 4})
+    port = ResidualPortCallback(ids["instruct"], push_to=repo)
+    args = TrainingArguments(
+        str(tmp_path / "run"), max_steps=2, save_steps=1, use_cpu=True, report_to="none",
+        remove_unused_columns=False, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+        data_collator=packing_collator(tokenizer), callbacks=[port],
+    )  # fmt: skip
+    trainer.train()
+    assert port.failures == [] and [p.name for p in port.ported] == [
+        "ported-checkpoint-1",
+        "ported-checkpoint-2",
+    ]
+    log = subprocess.run(
+        ["git", "-C", str(hub.repo_path(repo)), "log", "--format=%s", "main"], capture_output=True, text=True
+    )
+    titles = log.stdout.splitlines()
+    assert titles[:2] == ["ported checkpoint at step 2", "ported checkpoint at step 1"], titles
+    assert hub.head(ids["instruct"]) in (tmp_path / "run" / "ported-checkpoint-2" / "README.md").read_text()
