@@ -155,6 +155,7 @@ def extra_jobs(target: Checkpoint, names: TargetNames) -> list[TensorJob]:
     return jobs
 
 
-def target_jobs(jobs: list[TensorJob], target: Checkpoint, names: TargetNames) -> list[TensorJob]:
-    """``jobs`` (base names, buffers included) under the target's names, plus the copied extras, sorted."""
-    return sorted([*to_target_names(jobs, names), *extra_jobs(target, names)], key=lambda job: job.out.name)
+def target_jobs(jobs: list[TensorJob], extras: list[TensorJob], names: TargetNames) -> list[TensorJob]:
+    """``jobs`` (base names, buffers included) under the target's names, plus ``extras`` (the copies of
+    ``extra_jobs``, after any FP8 handling), in name order."""
+    return sorted([*to_target_names(jobs, names), *extras], key=lambda job: job.out.name)
