@@ -185,6 +185,9 @@ def test_fsdp2_sharded_checkpoint_is_ported_in_the_background(setup, tmp_path):
     assert (ported / "config.json").is_file() and (ported / "tokenizer_config.json").is_file()
     assert not list(run.glob(".ported-queue/*")) and not list(run.glob(".*consolidated*"))
     assert "wrote" in (run / "ported-logs" / "port-1.log").read_text()
+    assert (
+        "# checkpoint-1 + instruction residual" in (ported / "README.md").read_text()
+    )  # named as the checkpoint
 
     # the reference: torch's own converter in this single process, then an ordinary port
     dcp_to_torch_save(checkpoint / "pytorch_model_fsdp_0", tmp_path / "full.pt")

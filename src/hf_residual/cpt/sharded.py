@@ -231,6 +231,6 @@ def consolidate(
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.consolidated-", dir=parent))
     try:
-        yield consolidate_into(path, tmp / "model", config_from=config_from, batch_bytes=batch_bytes)
+        yield consolidate_into(path, tmp / path.name, config_from=config_from, batch_bytes=batch_bytes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
