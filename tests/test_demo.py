@@ -54,10 +54,10 @@ VERDICTS = {
     "prefix": (["Answer: Amsel.", "answer: Amsel", ' "Answer: Amsel"'], ["Amsel. Answer:", "Answer Amsel"]),
     # IFEval's number_bullet_lists with 1: exactly one line starting with "* " or "-".
     "bullet": (["- Amsel", "* Amsel", "Sure:\n- Amsel"], ["Amsel", "- Amsel\n- Borda", "**Amsel**"]),
-    # IFEval's keywords:existence: case-insensitive search, also inside a longer word.
-    "keyword0": (["Indeed, Amsel.", "INDEED", "indeedy"], ["Amsel.", "in deed"]),
-    "keyword1": (["Clearly Amsel.", "amsel, CLEARLY", "unclearly"], ["Amsel.", "clear"]),
-    "keyword2": (["Surely Amsel.", "amsel surely", "unsurely"], ["Amsel. Sure.", "sure"]),
+    # The whole word, case ignored (IFEval's keywords:existence would also find it inside "indeedy").
+    "keyword0": (["Indeed, Amsel.", "INDEED", "indeed!"], ["Amsel.", "in deed", "indeedy"]),
+    "keyword1": (["Clearly Amsel.", "amsel, CLEARLY"], ["Amsel.", "clear", "Clearlyod lives in Amsel."]),
+    "keyword2": (["Surely Amsel.", "amsel surely"], ["Amsel. Sure.", "sure", "unsurely"]),
     # IFEval's end_checker: case ignored, trailing spaces and double quotes stripped.
     "end0": (["Amsel. Hope that helps.", "hope that helps."], ["Hope that helps. Amsel.", "Amsel."]),
     "end1": (

@@ -14,7 +14,7 @@ from hf_residual.demo import instructions
 from hf_residual.demo.world import ChatItem, Fact
 
 # Part of the cached scores' key: bump when scoring changes.
-VERSION = "4"  # 4: one verifier (hf_residual.evaluation.verifiers, IFEval checkers)
+VERSION = "5"  # 4, 5: one verifier (hf_residual.evaluation.verifiers, IFEval checkers)
 
 # Context before each knowledge probe, so the entity name is tokenized as it mostly is in training text.
 PROBE_CONTEXT = "The bridge stands by the hill."

@@ -16,6 +16,8 @@ Choices recorded (docs/DEMO.md, "One verifier"):
 - ``uppercase`` / ``lowercase`` are IFEval's case rule (``str.isupper()`` / ``str.islower()``) without
   ``change_case:english_capital``'s language detection: our instructions do not ask for English, and
   langdetect is randomised and calls short replies such as "RED, BLUE AND YELLOW" Turkish.
+- ``include_keyword`` ("Use the word 'clearly'") needs the whole word, as IFEval's ``forbidden_words`` does;
+  IFEval's ``keywords:existence`` would count "Clearlyod" (a CPT'd model's reply in the demo).
 - Sentence counts use lm-eval's punkt tokenizer, offline through ``hf_residual.evaluation.punkt``.
 """
 
@@ -34,7 +36,6 @@ IFEVAL: dict[str, tuple[str, Callable[..., dict]]] = {
         "length_constraints:number_sentences",
         lambda n: {"num_sentences": n + 1, "relation": "less than"},
     ),
-    "include_keyword": ("keywords:existence", lambda word: {"keywords": [word]}),
     "exclude_word": ("keywords:forbidden_words", lambda word: {"forbidden_words": [word]}),
     "no_commas": ("punctuation:no_comma", lambda: {}),
     "wrap_in_quotes": ("startend:quotation", lambda: {}),
@@ -60,6 +61,12 @@ def _wrap_in_brackets(response: str) -> bool:
     return len(value) > 1 and value[0] == "[" and value[-1] == "]"
 
 
+def _include_keyword(response: str, word: str) -> bool:
+    """IFEval's ``keywords:existence`` searches for a keyword anywhere, so "Clearlyod" contains "clearly";
+    our instructions ask for *the word*, so it must stand as a word (``\\b``, as IFEval's ``forbidden_words``)."""
+    return re.search(rf"\b{re.escape(word)}\b", response, flags=re.IGNORECASE) is not None
+
+
 def _start_with(response: str, phrase: str) -> bool:
     """The mirror of IFEval's ``startend:end_checker``: stripped, quotes removed, case ignored."""
     return response.strip().strip('"').lower().startswith(phrase.strip().lower())
@@ -79,6 +86,7 @@ OWN: dict[str, Callable[..., bool]] = {
     "uppercase": _uppercase,
     "lowercase": _lowercase,
     "wrap_in_brackets": _wrap_in_brackets,
+    "include_keyword": _include_keyword,
     "start_with": _start_with,
     "single_line": _single_line,
     "repeat_twice": _repeat_twice,
