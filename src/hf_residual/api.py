@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_residual import assets, cards, engine, fp8, hub, hub_base, hub_publish, lineage, plans
+from hf_residual import assets, cards, engine, fp8, hub, hub_base, hub_publish, lineage, plans, vocab
 from hf_residual.checkpoint import Checkpoint, open_checkpoint
 from hf_residual.codecs import folders as codec_folders
 from hf_residual.codecs import registry as codec_registry
@@ -93,14 +94,22 @@ def _fingerprint(samples: dict[str, list[float]]) -> str:
     return f"samples-sha256:{digest[:16]}"
 
 
-def _check_descendant(target: Checkpoint, base_samples: dict[str, list[float]], force: bool) -> float:
+def _check_descendant(
+    target: Checkpoint,
+    base_samples: dict[str, list[float]],
+    force: bool,
+    base_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> float:
     """Refuse a target that does not descend from the base; return the median distance per matrix.
 
     The target is sampled where the base was (the count of each stored sample gives the positions, so the
     16-element samples of older manifests still work); see ``lineage`` for what is measured.
+    ``base_shapes``: a target with a grown vocabulary is sampled within the base's rows.
     """
+    within = {n: math.prod(s) for n, s in (base_shapes or {}).items()}
     target_samples = {
-        name: lineage.sample(target.tensors[name], len(values)) for name, values in base_samples.items()
+        name: lineage.sample(target.tensors[name], len(values), within.get(name))
+        for name, values in base_samples.items()
     }
     ndim = {name: len(target.tensors[name].shape) for name in base_samples}
     distance = lineage.relative_distance(target_samples, base_samples, ndim)
@@ -224,6 +233,7 @@ class _Settings:
     push: Push
     force: bool = False
     keep_fp8: bool = False  # port/apply: write the target's FP8 weights as FP8 (fp8.output_jobs)
+    vocab_from: str | None = None  # port/apply: whose token wins where target and instruct clash (vocab)
 
 
 @contextmanager
@@ -368,6 +378,7 @@ def _extract(
             architectures=list(i_ckpt.config.get("architectures") or []),
             base_vocab_size=b_ckpt.vocab_size,
             instruct_vocab_size=i_ckpt.vocab_size,
+            base_tokens=vocab.token_count(base_model.path),
             tensors={
                 p.name: TensorEntry(
                     shape=list(p.instruct.shape),
@@ -463,10 +474,15 @@ def _write_model_extras(
     chat_source: Path,
     card: str,
     keep_fp8: bool = False,
+    layout: vocab.Layout | None = None,
 ) -> None:
     config = fp8.output_config(target.config, target.tensors, keep_fp8)  # FP8 -> BF16: no quantization_config
+    vocab_size = layout.rows if layout is not None else vocab_size
     assets.write_json(staging / "config.json", assets.output_config(config, instruct_config, vocab_size))
     assets.copy_chat_assets(chat_source, staging)
+    if layout is not None:  # the target's vocabulary grew: its tokens added, the rows recorded
+        vocab.write_tokenizer(layout, staging)
+        vocab.write_layout(layout, staging)
     (staging / "README.md").write_text(card + fp8.card_note(target.tensors, keep_fp8))
 
 
@@ -489,15 +505,19 @@ def apply(
     dry_run: bool = False,
     token: str | None = None,
     keep_fp8: bool = False,
+    vocab_from: str | None = None,
 ) -> Result:
     """Write ``target + alpha * residual`` as a complete transformers model folder.
 
     ``push_to`` publishes the verified folder (see ``extract``); ``output`` may then be None.
     ``keep_fp8``: a target with FP8 weights (block scales) gets FP8 weights re-quantized with its block
     size (else they are written in bfloat16 and the config's quantization_config is dropped).
+    ``vocab_from``: ``"target"`` or ``"instruct"``, whose token (and embedding row) wins where a target
+    with a grown vocabulary and the instruct model added different tokens at one id (see ``vocab``).
     """
     push = Push(push_to, create_pr, private, commit_message, dry_run, token)
-    settings = _Settings(max_shard_size, overwrite, progress, push, force, keep_fp8)
+    vocab_from = vocab.check_vocab_from(vocab_from)
+    settings = _Settings(max_shard_size, overwrite, progress, push, force, keep_fp8, vocab_from)
     with _destination(output, push) as out, hub.progress_bars(progress):
         result = _apply(residual, to, out, alpha, revision, target_revision, settings)
         result.details["temporary_output"] = output is None
@@ -535,12 +555,24 @@ def _apply(
         set(r_ckpt.tensors), set(manifest.tensors), "residual weights", "residual manifest"
     )
     manifest.check_weights(r_ckpt.tensors, residual_model.path)  # shapes, dtypes; data checked as read
-    plans.check_target(t_ckpt, plans.base_shapes_of_residual(r_ckpt, rows), manifest.model_type)
+    base_shapes = plans.base_shapes_of_residual(r_ckpt, rows)
+    vplan = vocab.prepare(base_shapes, manifest.base_vocab_size, t_ckpt)  # a target may have grown rows
+    plans.check_target(t_ckpt, vplan.shapes, manifest.model_type)
     base_samples = {n: e.base_sample for n, e in manifest.tensors.items()}
-    distance = _check_descendant(t_ckpt, base_samples, settings.force)
+    distance = _check_descendant(t_ckpt, base_samples, settings.force, base_shapes)
     _check_manifest_residual(manifest, settings.force)
     fp8.check_keep_fp8(t_ckpt.tensors, settings.keep_fp8, t_ckpt.path)
+    vplan = vocab.decide(
+        vplan,
+        base_rows=manifest.base_vocab_size,
+        instruct_rows=manifest.instruct_vocab_size,
+        target=t_ckpt,
+        instruct_folder=residual_model.path,
+        base_tokens=manifest.base_tokens,
+        vocab_from=settings.vocab_from,
+    )
     jobs = plans.apply_jobs(r_ckpt, rows, t_ckpt, alpha, manifest.checksums)
+    jobs = vplan.apply_jobs(jobs, r_ckpt, t_ckpt, alpha, manifest.checksums)
     jobs = plans.with_buffers(fp8.output_jobs(jobs, t_ckpt.tensors, settings.keep_fp8), t_ckpt)
     shards = engine.plan_shards(jobs, "model", parse_size(settings.max_shard_size))
     instruct_config = _read_json(residual_model.path / assets.INSTRUCT_CONFIG)
@@ -557,11 +589,22 @@ def _apply(
             distance=distance,
             model_ref=push.card_ref("PATH_OR_REPO_OF_THIS_MODEL"),
             license=_license(residual_model.path, target_model.path),
+            vocabulary=vplan.layout.describe() if vplan.layout else None,
         )
         _write_model_extras(
-            staging, t_ckpt, instruct_config, grown, residual_model.path, card, settings.keep_fp8
+            staging,
+            t_ckpt,
+            instruct_config,
+            grown,
+            residual_model.path,
+            card,
+            settings.keep_fp8,
+            vplan.layout,
         )
-    return Result(output, len(jobs), engine.total_bytes(shards), {"alpha": alpha, "distance": distance})
+    details = {"alpha": alpha, "distance": distance}
+    if vplan.layout is not None:
+        details["vocabulary"] = vplan.layout.summary()
+    return Result(output, len(jobs), engine.total_bytes(shards), details)
 
 
 def _check_target_of_residual(manifest: Manifest, target_model: ResolvedModel, force: bool) -> None:
@@ -572,8 +615,10 @@ def _check_target_of_residual(manifest: Manifest, target_model: ResolvedModel, f
         for name, entry in manifest.tensors.items()
     }
     target = open_checkpoint(target_model.path)
-    plans.check_target(target, shapes, manifest.model_type)
-    _check_descendant(target, {n: e.base_sample for n, e in manifest.tensors.items()}, force)
+    plans.check_target(
+        target, vocab.prepare(shapes, manifest.base_vocab_size, target).shapes, manifest.model_type
+    )
+    _check_descendant(target, {n: e.base_sample for n, e in manifest.tensors.items()}, force, shapes)
     _check_manifest_residual(manifest, force)
 
 
@@ -598,15 +643,17 @@ def port(
     dry_run: bool = False,
     token: str | None = None,
     keep_fp8: bool = False,
+    vocab_from: str | None = None,
 ) -> Result:
     """``target + alpha * (instruct - base)`` in one pass; ``source`` may also be a residual folder or repo.
 
     ``base`` None: found from the instruct card's ``base_model`` or the table of known pairs.
     ``push_to`` publishes the verified folder (see ``extract``); ``output`` may then be None.
-    ``keep_fp8``: see ``apply``. Instruct and base may be FP8 too (dequantized as they are read).
+    ``keep_fp8``, ``vocab_from``: see ``apply``. Instruct and base may be FP8 too (dequantized as read).
     """
     push = Push(push_to, create_pr, private, commit_message, dry_run, token)
-    settings = _Settings(max_shard_size, overwrite, progress, push, force, keep_fp8)
+    vocab_from = vocab.check_vocab_from(vocab_from)
+    settings = _Settings(max_shard_size, overwrite, progress, push, force, keep_fp8, vocab_from)
     with _destination(output, push) as out, hub.progress_bars(progress):
         result = _port(source, to, out, base, alpha, (revision, base_revision, target_revision), settings)
         result.details["temporary_output"] = output is None
@@ -637,12 +684,23 @@ def _port(
     target_model = resolve(to, target_revision, role="target model", token=push.token)
     i_ckpt, b_ckpt, t_ckpt = (open_checkpoint(m.path) for m in (source_model, base_model, target_model))
     pairs = plans.pair(i_ckpt, b_ckpt)
-    plans.check_target(t_ckpt, {p.name: p.base.shape for p in pairs}, b_ckpt.model_type)  # weights only
+    vplan = vocab.prepare({p.name: p.base.shape for p in pairs}, b_ckpt.vocab_size, t_ckpt)
+    plans.check_target(t_ckpt, vplan.shapes, b_ckpt.model_type)  # weights only; grown vocabulary allowed
     samples = _base_samples(b_ckpt)
-    distance = _check_descendant(t_ckpt, samples, settings.force)
+    distance = _check_descendant(t_ckpt, samples, settings.force, {p.name: p.base.shape for p in pairs})
     _check_sampled_residual(pairs, samples, settings.force)
     fp8.check_keep_fp8(t_ckpt.tensors, settings.keep_fp8, t_ckpt.path)
-    jobs = fp8.output_jobs(plans.port_jobs(pairs, t_ckpt, alpha), t_ckpt.tensors, settings.keep_fp8)
+    vplan = vocab.decide(
+        vplan,
+        base_rows=b_ckpt.vocab_size,
+        instruct_rows=i_ckpt.vocab_size,
+        target=t_ckpt,
+        instruct_folder=source_model.path,
+        base_tokens=vocab.token_count(base_model.path),
+        vocab_from=settings.vocab_from,
+    )
+    jobs = vplan.port_jobs(plans.port_jobs(pairs, t_ckpt, alpha), pairs, t_ckpt, alpha)
+    jobs = fp8.output_jobs(jobs, t_ckpt.tensors, settings.keep_fp8)
     jobs = plans.with_buffers(jobs, t_ckpt)
     shards = engine.plan_shards(jobs, "model", parse_size(settings.max_shard_size))
     grown = i_ckpt.vocab_size if i_ckpt.vocab_size != b_ckpt.vocab_size else None
@@ -658,9 +716,14 @@ def _port(
             distance=distance,
             model_ref=push.card_ref("PATH_OR_REPO_OF_THIS_MODEL"),
             license=_license(target_model.path, source_model.path, base_model.path),
+            vocabulary=vplan.layout.describe() if vplan.layout else None,
         )
-        _write_model_extras(staging, t_ckpt, i_ckpt.config, grown, source_model.path, card, settings.keep_fp8)
+        _write_model_extras(
+            staging, t_ckpt, i_ckpt.config, grown, source_model.path, card, settings.keep_fp8, vplan.layout
+        )
     details = {"alpha": alpha, "distance": distance, "base": str(base), "base_source": base_source}
+    if vplan.layout is not None:
+        details["vocabulary"] = vplan.layout.summary()
     return Result(output, len(jobs), engine.total_bytes(shards), details)
 
 

@@ -72,8 +72,9 @@ def ported_card(
     distance: float,
     model_ref: str = "PATH_OR_REPO_OF_THIS_MODEL",
     license: dict | None = None,
+    vocabulary: str | None = None,
 ) -> str:
-    """README.md of a ported model."""
+    """README.md of a ported model; ``vocabulary``: which rows got the residual (a grown vocabulary)."""
     return _template("ported.md.j2").render(
         card_data=_front_matter([target, instruct, base], "merge", license=license),
         title=f"{_ref(target)} + instruction residual of {_ref(instruct)}",
@@ -85,4 +86,5 @@ def ported_card(
         distance=distance,
         tool_version=__version__,
         model_ref=model_ref,
+        vocabulary=vocabulary,
     )

@@ -71,6 +71,8 @@ class Manifest:
     base_vocab_size: int | None
     instruct_vocab_size: int | None
     tensors: dict[str, TensorEntry]
+    # The base tokenizer's token count: a target's tokens from this id on are its own (``vocab``).
+    base_tokens: int | None = None
     note: str = ""
     # Elements for which base + residual does not round back to the instruct value (float32 codec only).
     inexact_elements: int = 0
@@ -170,6 +172,7 @@ def read_manifest(folder: Path) -> Manifest:
             base_vocab_size=data.get("base_vocab_size"),
             instruct_vocab_size=data.get("instruct_vocab_size"),
             tensors=tensors,
+            base_tokens=data.get("base_tokens"),
             note=data.get("note", ""),
             inexact_elements=int(data.get("inexact_elements", 0)),
             codec_params=dict(data.get("codec_params") or {}),

@@ -168,8 +168,8 @@ def check_target(
             )
         if info.shape != shape:
             vocab_hint = (
-                " The target's vocabulary differs from the base's: the target must keep the base's "
-                "vocabulary (do not resize embeddings before porting)."
+                " The target's vocabulary differs from the base's: a target may add vocabulary rows "
+                "(tokenizer.add_tokens, resize_token_embeddings) but must keep every row of the base's."
                 if info.shape[1:] == shape[1:]
                 else ""
             )

@@ -63,6 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with its block size, so the output loads like TARGET did. Default: those weights are written in "
         "bfloat16 and config.json loses its quantization_config",
     )
+    parser.add_argument(
+        "--vocab-from",
+        choices=("target", "instruct"),
+        default=None,
+        help="a TARGET whose vocabulary grew and an instruct model that added other tokens at the same ids "
+        "(or the same token at other ids): whose token and embedding row win at each clash; the other "
+        "side's clashing tokens are left out. Default: refuse, naming the clashes",
+    )
     add_quiet(parser)
     add_publish(parser, "ported model")
     add_json(parser)
@@ -92,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             force=args.force,
             keep_fp8=args.keep_fp8,
+            vocab_from=args.vocab_from,
             progress=not args.quiet,
             **publish_kwargs(args),
         )
