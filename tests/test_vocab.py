@@ -210,3 +210,51 @@ def test_vocab_from_on_the_command_line(families, tmp_path, capsys):
     api.extract(instruct, fam.base, tmp_path / "residual", progress=False)
     apply_args = ["apply", str(tmp_path / "residual"), "--to", str(target), "-o", str(tmp_path / "applied")]
     assert main([*apply_args, "-q", "--vocab-from", "target"]) == 0
+
+
+def write_tokenizer_json(folder: Path, tokens: list[str], added: dict[int, str]) -> Path:
+    """A minimal tokenizer.json: a word-level vocabulary and added tokens at explicit ids."""
+    folder.mkdir(parents=True)
+    data = {
+        "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(tokens)}, "unk_token": tokens[0]},
+        "added_tokens": [
+            {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False}
+            | {"normalized": False, "special": True}
+            for i, s in added.items()
+        ],
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_same_token_at_other_ids_is_refused_and_resolved(tmp_path):
+    """A target-new token the instruct holds at another id is a clash too; each side can win it."""
+    from hf_residual import vocab
+
+    words = [f"w{i}" for i in range(8)]
+    target = write_tokenizer_json(tmp_path / "target", words, {8: "<|im_start|>", 9: "dom"})
+    instruct = write_tokenizer_json(tmp_path / "instruct", words, {8: "<x>", 10: "<|im_start|>"})
+    kw = dict(base_rows=8, target_rows=10, instruct_rows=11, target_folder=target, instruct_folder=instruct)
+    with pytest.raises(IncompatibleModelsError) as error:
+        vocab.plan(**kw, base_tokens=8, vocab_from=None)
+    assert "'<|im_start|>': id 8 in the target, id 10 in the instruct model" in str(error.value)
+    assert "id 8: '<|im_start|>' in the target, '<x>' in the instruct model" in str(error.value)
+    target_wins = vocab.plan(**kw, base_tokens=8, vocab_from="target")
+    assert target_wins.runs == [(0, 8, "residual"), (8, 10, "target"), (10, 11, "instruct")]
+    assert set(target_wins.added) == {8, 9} and len(target_wins.dropped) == 2
+    instruct_wins = vocab.plan(**kw, base_tokens=8, vocab_from="instruct")
+    assert instruct_wins.runs == [
+        (0, 8, "residual"),
+        (8, 9, "instruct"),
+        (9, 10, "target"),
+        (10, 11, "instruct"),
+    ]
+    assert set(instruct_wins.added) == {9}
+    out = tmp_path / "out"
+    shutil.copytree(instruct, out)
+    vocab.write_tokenizer(target_wins, out)
+    from tokenizers import Tokenizer
+
+    merged = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert merged.token_to_id("<|im_start|>") == 8 and merged.token_to_id("dom") == 9
+    assert merged.token_to_id("<x>") is None

@@ -142,11 +142,14 @@ def plan(
         )
     target_tokens = token_table(target_folder) or {}
     instruct_tokens = token_table(instruct_folder) or {}
-    if base_tokens is None:  # an older residual: the first id where the two tokenizers differ
+    if base_tokens is None and target_tokens and instruct_tokens:
+        # an older residual (or a base without tokenizer.json): the first id where the tokenizers differ
         base_tokens = next(
             (i for i in sorted(target_tokens) if instruct_tokens.get(i) != target_tokens[i]),
             len(target_tokens),
         )
+    elif base_tokens is None:  # one side has no tokenizer.json: only rows beyond the base's are new
+        base_tokens = base_rows
     new = {i: s for i, s in target_tokens.items() if i >= base_tokens}
     instruct_ids = {s: i for i, s in instruct_tokens.items()}
     by_id = [
