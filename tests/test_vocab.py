@@ -258,3 +258,33 @@ def test_same_token_at_other_ids_is_refused_and_resolved(tmp_path):
     merged = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert merged.token_to_id("<|im_start|>") == 8 and merged.token_to_id("dom") == 9
     assert merged.token_to_id("<x>") is None
+
+
+def test_compressed_residual_onto_grown_target(families, tmp_path):
+    """A lossy residual (decoded before it is applied) goes to the same rows; the target's rows are kept."""
+    fam = families("llama", "bfloat16")
+    target = grow(fam.cpt, tmp_path / "target", DOMAIN)
+    api.extract(fam.instruct, fam.base, tmp_path / "residual", codec="lowrank:4", progress=False)
+    result = api.apply(tmp_path / "residual", target, tmp_path / "out", progress=False)
+    assert result.details["vocabulary"]["target_rows"] == 16
+    out, t = load_tensors(tmp_path / "out"), load_tensors(target)
+    for name in vocab_names(out):
+        assert out[name].shape[0] == BASE_TOKENS + 16
+        assert torch.equal(bits(out[name][BASE_TOKENS:]), bits(t[name][BASE_TOKENS:]))
+        assert not torch.equal(bits(out[name][:BASE_TOKENS]), bits(t[name][:BASE_TOKENS]))
+    check_loads(tmp_path / "out", BASE_TOKENS + 16, False, {t: BASE_TOKENS + k for k, t in enumerate(DOMAIN)})
+
+
+def test_target_tokens_inside_the_padding_rows(families, tmp_path):
+    """Tokens added without growing the embedding (ids inside the padded rows) keep the target's rows."""
+    fam = families("llama", "bfloat16")
+    target = grow(fam.cpt, tmp_path / "target", DOMAIN[:4], rows=BASE_ROWS)
+    result = port_and_apply(fam, fam.instruct, target, tmp_path)
+    assert result.details["vocabulary"]["rows"] == BASE_ROWS
+    kinds = {
+        "residual": span(0, BASE_TOKENS) + span(BASE_TOKENS + 4, BASE_ROWS),
+        "target": span(BASE_TOKENS, BASE_TOKENS + 4),
+        "instruct": [],
+    }
+    check_rows(tmp_path / "ported", target, fam.instruct, fam.base, kinds)
+    check_loads(tmp_path / "ported", BASE_ROWS, False, {t: BASE_TOKENS + k for k, t in enumerate(DOMAIN[:4])})
