@@ -206,7 +206,8 @@ def test_vocab_from_on_the_command_line(families, tmp_path, capsys):
     args = ["port", str(instruct), "--base", str(fam.base), "--to", str(target), "-q"]
     assert main([*args, "-o", str(tmp_path / "refused")]) == 2
     assert "--vocab-from" in capsys.readouterr().err
-    assert main([*args, "-o", str(tmp_path / "out"), "--vocab-from", "instruct"]) == 0
+    assert main([*args[:-1], "-o", str(tmp_path / "out"), "--vocab-from", "instruct"]) == 0
+    assert "left out: target 'zorvanium0' (id 312)" in capsys.readouterr().out
     api.extract(instruct, fam.base, tmp_path / "residual", progress=False)
     apply_args = ["apply", str(tmp_path / "residual"), "--to", str(target), "-o", str(tmp_path / "applied")]
     assert main([*apply_args, "-q", "--vocab-from", "target"]) == 0

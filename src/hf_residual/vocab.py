@@ -452,3 +452,18 @@ def decide(
     if not is_plain(layout, instruct_rows):
         vplan.layout = layout
     return vplan
+
+
+def summary_line(details: dict) -> str | None:
+    """One line for the CLI from ``Result.details["vocabulary"]``; None when the vocabulary was plain."""
+    summary = details.get("vocabulary")
+    if not summary:
+        return None
+    line = (
+        f"vocabulary: {summary['rows']} rows (base {summary['base_rows']}): {summary['residual_rows']} got the "
+        f"residual, {summary['target_rows']} kept from the target, {summary['instruct_rows']} from the instruct "
+        f"model; {len(summary['target_tokens_added'])} target token(s) added to the tokenizer"
+    )
+    if summary["dropped_tokens"]:
+        line += "; left out: " + "; ".join(summary["dropped_tokens"])
+    return line

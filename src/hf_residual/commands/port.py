@@ -114,5 +114,9 @@ def run(args: argparse.Namespace) -> int:
         f"wrote model {output_label(result)}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
         f"alpha {result.details['alpha']}, |target - base| / |base| = {result.details['distance']:.4f}"
     )
+    from hf_residual.vocab import summary_line
+
+    if summary_line(result.details):
+        print(summary_line(result.details))
     print_publication(result.details)
     return 0
