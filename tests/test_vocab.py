@@ -289,3 +289,22 @@ def test_target_tokens_inside_the_padding_rows(families, tmp_path):
     }
     check_rows(tmp_path / "ported", target, fam.instruct, fam.base, kinds)
     check_loads(tmp_path / "ported", BASE_ROWS, False, {t: BASE_TOKENS + k for k, t in enumerate(DOMAIN[:4])})
+
+
+def test_damaged_residual_embedding_is_refused_for_a_grown_target(families, tmp_path):
+    """The embedding's rows are read out of order for a grown target: its sha256 is checked in one read."""
+    from hf_residual.checkpoint import open_checkpoint
+    from hf_residual.errors import VerificationError
+
+    fam = families("llama", "bfloat16")
+    target = grow(fam.cpt, tmp_path / "target", DOMAIN)
+    api.extract(fam.instruct, fam.base, tmp_path / "residual", dtype="float32", progress=False)
+    info = open_checkpoint(tmp_path / "residual", prefix="residual").tensors["model.embed_tokens.weight"]
+    with open(info.file, "r+b") as handle:
+        handle.seek(info.offset + 4 * 100)
+        value = handle.read(1)
+        handle.seek(info.offset + 4 * 100)
+        handle.write(bytes([value[0] ^ 1]))
+    with pytest.raises(VerificationError, match="model.embed_tokens.weight"):
+        api.apply(tmp_path / "residual", target, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
