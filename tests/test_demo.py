@@ -266,6 +266,6 @@ def test_quick_profile_shows_the_papers_pattern(tmp_path, seed):
     rows = {r["model"]: r for r in result.rows}
     failed = [c for c in result.checks if not c["passed"]]
     assert not failed, json.dumps(result.checks, indent=1)
-    assert rows["instruct"]["if_strict"] >= 0.7  # measured 0.82 / 0.87 / 0.94 for seeds 0 / 1 / 2
+    assert rows["instruct"]["if_strict"] >= 0.7  # measured 0.83 / 0.87 / 0.94 for seeds 0 / 1 / 2
     # CPT taught B (measured 0.06 -> 0.90, 0.13 -> 0.58, 0.13 -> 0.88 at the largest size).
     assert rows["cpt-base-L"]["know_b"] >= rows["base"]["know_b"] + 0.3
