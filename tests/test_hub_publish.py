@@ -264,3 +264,13 @@ def test_model_card_validate_raises_on_what_the_hub_double_refuses(hub):
     )
     assert card_metadata_errors("---\n- a\n---\n") == ["the YAML front matter must be a mapping"]
     assert card_metadata_errors("# no metadata\n") == []
+
+
+def test_card_of_a_port_from_local_folders_meets_the_hub_rules(llama, tmp_path):
+    """Every parent a local folder: no base_model, so no base_model_relation (the Hub refuses one alone)."""
+    from hubserver.uploads import card_metadata_errors
+
+    out = api.port(llama.instruct, llama.cpt, tmp_path / "out", base=llama.base, progress=False).output
+    card = (out / "README.md").read_text()
+    assert "base_model_relation" not in card
+    assert card_metadata_errors(card) == []

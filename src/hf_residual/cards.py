@@ -34,10 +34,12 @@ def _front_matter(
     license: dict | None = None,
 ) -> str:
     """YAML front matter; ``license`` holds license (and license_name/link) only when all parents agree."""
+    base_models = list(dict.fromkeys(p.repo_id for p in parents if p.repo_id)) or None
     data = {
         **(license or {}),
-        "base_model": list(dict.fromkeys(p.repo_id for p in parents if p.repo_id)) or None,
-        "base_model_relation": relation,
+        "base_model": base_models,
+        # The Hub refuses a relation without a base_model (every parent a local folder): leave both out.
+        "base_model_relation": relation if base_models else None,
         "library_name": "transformers" if relation == "merge" else "hf-residual",
         "tags": TAGS + list(extra_tags or []),
     }
