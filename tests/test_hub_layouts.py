@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from hf_residual import api
 from hf_residual.checkpoint import open_checkpoint, select_weight_files
+from hf_residual.errors import IncompatibleModelsError
 
 
 def _prefix() -> str:
@@ -105,9 +106,10 @@ def test_mistral_layout_reads_only_the_transformers_shards(hub, llama, tmp_path)
         }
 
     ids = _add_family(hub, llama, _prefix(), extra)
-    _port_and_check(hub, llama, ids, tmp_path)
+    result = _port_and_check(hub, llama, ids, tmp_path)
     cached = _cached(tmp_path / "hf_home")
     assert not [f for f in cached if "consolidated" in f or f == "params.json"], cached
+    assert result.details["weight_files"]["target"].startswith("model.safetensors.index.json (")
     assert any(f.endswith(".safetensors.index.json") for f in cached)
 
 
@@ -156,6 +158,9 @@ def test_variants_choose_model_safetensors_and_say_so(families, hub, tmp_path, c
     assert _matches(result.output, _reference(single.cpt, single.instruct, single.base))
     assert "model.fp16.safetensors" not in _cached(tmp_path / "hf_home")
     assert "not read: model.fp16.safetensors" in caplog.text
+    assert result.details["weight_files"] == dict.fromkeys(
+        ("instruct", "base", "target"), "model.safetensors"
+    )
 
 
 def test_selection_rule():
@@ -235,3 +240,115 @@ def test_local_llama_layout_never_unpickles(llama, tmp_path, no_pickle_loading):
         folders["instruct"], folders["cpt"], tmp_path / "out", base=folders["base"], progress=False
     )
     assert _matches(result.output, _reference(llama.cpt, llama.instruct, llama.base))
+
+
+# --- A multimodal wrapper: the same language model under a prefix, plus a vision tower -----------------
+
+
+def _wrapper(source: Path, folder: Path, prefix: str = "language_model.", seed: int = 0) -> dict:
+    """``source``'s tensors under ``prefix``, plus vision/projector tensors and a llava-style config."""
+    from transformers import AutoConfig
+
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {prefix + k: v for k, v in load_tensors(source).items()}
+    extras = {
+        "vision_tower.patch_embed.weight": torch.randn(8, 3, 2, 2, generator=gen).to(torch.bfloat16),
+        "vision_tower.blocks.0.norm.weight": torch.randn(8, generator=gen).to(torch.bfloat16),
+        "multi_modal_projector.linear_1.weight": torch.randn(32, 8, generator=gen).to(torch.bfloat16),
+        "vision_tower.position_ids": torch.arange(4, dtype=torch.int64),
+    }
+    save_file({**tensors, **extras}, folder / "model.safetensors", metadata={"format": "pt"})
+    text = AutoConfig.from_pretrained(source).to_dict()
+    config = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"], "text_config": text}
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).is_file():
+            (folder / name).write_bytes((source / name).read_bytes())
+    return extras
+
+
+def test_port_onto_a_wrapper_maps_the_prefix_and_copies_the_vision_tower(llama, tmp_path):
+    target = tmp_path / "wrapper"
+    extras = _wrapper(llama.cpt, target)
+    result = api.port(llama.instruct, target, tmp_path / "out", base=llama.base, progress=False)
+    expected = {
+        "language_model." + k: v for k, v in _reference(llama.cpt, llama.instruct, llama.base).items()
+    }
+    assert _matches(result.output, {**expected, **extras})
+    assert result.details["target_prefix"] == "language_model."
+    assert result.details["copied_from_target"] == sorted(extras)
+    assert json.loads((result.output / "config.json").read_text())["model_type"] == "llava"
+    readme = (result.output / "README.md").read_text()
+    assert "language_model." in readme and "vision_tower.patch_embed.weight" in readme
+
+
+def test_inconsistent_prefix_is_an_error_listing_names(llama, tmp_path):
+    target = tmp_path / "wrapper"
+    _wrapper(llama.cpt, target)
+    tensors = load_tensors(target)
+    tensors["lm_head.weight"] = tensors.pop("language_model.lm_head.weight")  # not under the prefix
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(IncompatibleModelsError, match="under the prefix 'language_model.'") as error:
+        api.port(llama.instruct, target, tmp_path / "out", base=llama.base, progress=False)
+    assert "lm_head.weight" in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrapper_instruct_onto_bare_target_is_refused(llama, tmp_path):
+    """The reverse: instruct and base are the wrapper, the target the bare language model."""
+    base, instruct = tmp_path / "base", tmp_path / "instruct"
+    _wrapper(llama.base, base)
+    _wrapper(llama.instruct, instruct)
+    with pytest.raises(IncompatibleModelsError, match="wrap the target's network"):
+        api.port(instruct, llama.cpt, tmp_path / "out", base=base, progress=False, force=True)
+
+
+def test_apply_onto_a_wrapper(llama, tmp_path):
+    """A residual (extracted from the text-only pair) applied onto the wrapper: same mapping, same copies."""
+    target = tmp_path / "wrapper"
+    extras = _wrapper(llama.cpt, target)
+    residual = api.extract(llama.instruct, llama.base, tmp_path / "residual", dtype="float32", progress=False)
+    result = api.apply(residual.output, target, tmp_path / "out", progress=False)
+    expected = {
+        "language_model." + k: v for k, v in _reference(llama.cpt, llama.instruct, llama.base).items()
+    }
+    assert _matches(result.output, {**expected, **extras})
+    assert result.details["copied_from_target"] == sorted(extras)
+    assert "vision_tower.patch_embed.weight" in (result.output / "README.md").read_text()
+
+
+@pytest.mark.parametrize("keep_fp8", [True, False])
+def test_fp8_vision_tower_of_a_wrapper_is_copied_with_its_scales_or_dequantized(llama, tmp_path, keep_fp8):
+    """An FP8 tensor outside the prefix: codes and scales byte for byte with keep_fp8, else bfloat16."""
+    target = tmp_path / "wrapper"
+    extras = _wrapper(llama.cpt, target)
+    weight = torch.randn(24, 40, generator=torch.Generator().manual_seed(1))
+    scale = (weight.abs().max() / 448.0).reshape(1, 1)
+    codes = (weight / scale).to(torch.float8_e4m3fn)
+    tensors = {
+        **load_tensors(target),
+        "vision_tower.fc.weight": codes,
+        "vision_tower.fc.weight_scale_inv": scale,
+    }
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (target / "config.json").write_text(json.dumps(config))
+    result = api.port(
+        llama.instruct, target, tmp_path / "out", base=llama.base, keep_fp8=keep_fp8, progress=False
+    )
+    got = load_tensors(result.output)
+    expected = {
+        "language_model." + k: v for k, v in _reference(llama.cpt, llama.instruct, llama.base).items()
+    }
+    assert all(torch.equal(bits(got[k]), bits(v)) for k, v in {**expected, **extras}.items())
+    if keep_fp8:
+        assert torch.equal(got["vision_tower.fc.weight"].view(torch.uint8), codes.view(torch.uint8))
+        assert torch.equal(got["vision_tower.fc.weight_scale_inv"], scale)
+    else:
+        assert "vision_tower.fc.weight_scale_inv" not in got
+        assert torch.equal(
+            bits(got["vision_tower.fc.weight"]), bits((codes.float() * scale).to(torch.bfloat16))
+        )
+        assert "quantization_config" not in json.loads((result.output / "config.json").read_text())

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_residual import assets, cards, engine, fp8, hub, hub_base, hub_publish, lineage, plans, vocab
+from hf_residual import assets, cards, engine, fp8, hub, hub_base, hub_publish, lineage, names, plans, vocab
 from hf_residual.checkpoint import Checkpoint, open_checkpoint
 from hf_residual.codecs import folders as codec_folders
 from hf_residual.codecs import registry as codec_registry
@@ -550,6 +550,8 @@ def _apply(
     manifest = read_manifest(residual_model.path)
     r_ckpt = open_checkpoint(residual_model.path, prefix=WEIGHTS_PREFIX)
     t_ckpt = open_checkpoint(target_model.path)
+    t_names = names.align_target(t_ckpt, set(manifest.tensors))  # a wrapper: its prefix mapped
+    t_full, t_ckpt = t_ckpt, t_names.view  # the target under the residual's names from here on
     rows = manifest.absolute_rows_from
     plans.check_same_names(
         set(r_ckpt.tensors), set(manifest.tensors), "residual weights", "residual manifest"
@@ -561,7 +563,7 @@ def _apply(
     base_samples = {n: e.base_sample for n, e in manifest.tensors.items()}
     distance = _check_descendant(t_ckpt, base_samples, settings.force, base_shapes)
     _check_manifest_residual(manifest, settings.force)
-    fp8.check_keep_fp8(t_ckpt.tensors, settings.keep_fp8, t_ckpt.path)
+    fp8.check_keep_fp8(t_full.tensors, settings.keep_fp8, t_ckpt.path)
     vplan = vocab.decide(
         vplan,
         base_rows=manifest.base_vocab_size,
@@ -574,6 +576,8 @@ def _apply(
     jobs = plans.apply_jobs(r_ckpt, rows, t_ckpt, alpha, manifest.checksums)
     jobs = vplan.apply_jobs(jobs, r_ckpt, t_ckpt, alpha, manifest.checksums)
     jobs = plans.with_buffers(fp8.output_jobs(jobs, t_ckpt.tensors, settings.keep_fp8), t_ckpt)
+    extras = fp8.output_jobs(names.extra_jobs(t_full, t_names), t_full.tensors, settings.keep_fp8)
+    jobs = names.target_jobs(jobs, extras, t_names)  # the target's names; its extra tensors copied
     shards = engine.plan_shards(jobs, "model", parse_size(settings.max_shard_size))
     instruct_config = _read_json(residual_model.path / assets.INSTRUCT_CONFIG)
     grown = manifest.instruct_vocab_size if manifest.instruct_vocab_size != manifest.base_vocab_size else None
@@ -591,9 +595,10 @@ def _apply(
             license=_license(residual_model.path, target_model.path),
             vocabulary=vplan.layout.describe() if vplan.layout else None,
         )
+        card += names.card_note(t_names)
         _write_model_extras(
             staging,
-            t_ckpt,
+            t_full,
             instruct_config,
             grown,
             residual_model.path,
@@ -604,6 +609,7 @@ def _apply(
     details = {"alpha": alpha, "distance": distance}
     if vplan.layout is not None:
         details["vocabulary"] = vplan.layout.summary()
+    details.update(names.details(t_names, residual=r_ckpt, target=t_full))
     return Result(output, len(jobs), engine.total_bytes(shards), details)
 
 
@@ -615,6 +621,7 @@ def _check_target_of_residual(manifest: Manifest, target_model: ResolvedModel, f
         for name, entry in manifest.tensors.items()
     }
     target = open_checkpoint(target_model.path)
+    target = names.align_target(target, set(manifest.tensors)).view
     plans.check_target(
         target, vocab.prepare(shapes, manifest.base_vocab_size, target).shapes, manifest.model_type
     )
@@ -684,12 +691,14 @@ def _port(
     target_model = resolve(to, target_revision, role="target model", token=push.token)
     i_ckpt, b_ckpt, t_ckpt = (open_checkpoint(m.path) for m in (source_model, base_model, target_model))
     pairs = plans.pair(i_ckpt, b_ckpt)
+    t_names = names.align_target(t_ckpt, {p.name for p in pairs})  # a wrapper: its prefix mapped
+    t_full, t_ckpt = t_ckpt, t_names.view  # the target under the base's names from here on
     vplan = vocab.prepare({p.name: p.base.shape for p in pairs}, b_ckpt.vocab_size, t_ckpt)
     plans.check_target(t_ckpt, vplan.shapes, b_ckpt.model_type)  # weights only; grown vocabulary allowed
     samples = _base_samples(b_ckpt)
     distance = _check_descendant(t_ckpt, samples, settings.force, {p.name: p.base.shape for p in pairs})
     _check_sampled_residual(pairs, samples, settings.force)
-    fp8.check_keep_fp8(t_ckpt.tensors, settings.keep_fp8, t_ckpt.path)
+    fp8.check_keep_fp8(t_full.tensors, settings.keep_fp8, t_ckpt.path)
     vplan = vocab.decide(
         vplan,
         base_rows=b_ckpt.vocab_size,
@@ -702,6 +711,8 @@ def _port(
     jobs = vplan.port_jobs(plans.port_jobs(pairs, t_ckpt, alpha), pairs, t_ckpt, alpha)
     jobs = fp8.output_jobs(jobs, t_ckpt.tensors, settings.keep_fp8)
     jobs = plans.with_buffers(jobs, t_ckpt)
+    extras = fp8.output_jobs(names.extra_jobs(t_full, t_names), t_full.tensors, settings.keep_fp8)
+    jobs = names.target_jobs(jobs, extras, t_names)  # the target's names; its extra tensors copied
     shards = engine.plan_shards(jobs, "model", parse_size(settings.max_shard_size))
     grown = i_ckpt.vocab_size if i_ckpt.vocab_size != b_ckpt.vocab_size else None
     with staged_output(output, overwrite=overwrite, required_bytes=engine.total_bytes(shards)) as staging:
@@ -718,12 +729,14 @@ def _port(
             license=_license(target_model.path, source_model.path, base_model.path),
             vocabulary=vplan.layout.describe() if vplan.layout else None,
         )
+        card += names.card_note(t_names)
         _write_model_extras(
-            staging, t_ckpt, i_ckpt.config, grown, source_model.path, card, settings.keep_fp8, vplan.layout
+            staging, t_full, i_ckpt.config, grown, source_model.path, card, settings.keep_fp8, vplan.layout
         )
     details = {"alpha": alpha, "distance": distance, "base": str(base), "base_source": base_source}
     if vplan.layout is not None:
         details["vocabulary"] = vplan.layout.summary()
+    details.update(names.details(t_names, instruct=i_ckpt, base=b_ckpt, target=t_full))
     return Result(output, len(jobs), engine.total_bytes(shards), details)
 
 
