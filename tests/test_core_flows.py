@@ -168,7 +168,10 @@ def test_residual_card_records_lineage(llama, tmp_path):
     api.extract(llama.instruct, llama.base, tmp_path / "r", progress=False)
     card = (tmp_path / "r" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front["base_model_relation"] == "adapter" and "instruction-residual" in front["tags"]
+    # Local parents have no repo id: no base_model, and so no relation (the Hub refuses one alone).
+    assert "base_model" not in front and "base_model_relation" not in front
+    assert "instruction-residual" in front["tags"]
+    assert str(llama.instruct.name) in card and str(llama.base.name) in card
     assert "hf-residual apply" in card and "lossy" in card
 
 
