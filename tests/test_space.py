@@ -540,3 +540,32 @@ def test_default_config_is_the_demo_tiny_family_and_its_models_chat(default_spac
         rs.stream_side_by_side(store, [turn] * 3, config.chat_defaults, rs.Sampling(max_new_tokens=12))
     )[-1]
     assert all(reply and not reply.startswith("[error") for reply in final)
+
+
+def test_models_of_one_turn_load_one_at_a_time(monkeypatch, tmp_path):
+    """The first turn needs every model at once, but from_pretrained is not thread-safe: three loads in
+    parallel threads left transformers unable to tie a Qwen2 model's embeddings loaded later in the process
+    (seen when tests/test_vocab.py ran after this file). Loads are serialised; generation stays parallel."""
+    import threading
+    import time
+
+    active, most = [0], [0]
+    guard = threading.Lock()
+
+    def slow_load(ref: str):
+        with guard:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.2)
+        with guard:
+            active[0] -= 1
+        raise RuntimeError("not loaded")  # each panel shows the error; the others go on
+
+    monkeypatch.setattr(rs, "_load", slow_load)
+    store = rs.ModelStore(rs.toy_config(tmp_path / "space"))
+    names = store.names()[:3]
+    replies = list(
+        rs.stream_side_by_side(store, [[{"role": "user", "content": "hi"}]] * 3, names, rs.Sampling())
+    )
+    assert len(names) == 3 and replies
+    assert most[0] == 1

@@ -327,17 +327,24 @@ class ModelStore:
             self._entries[entry.name] = entry
 
     def get(self, name: str):
-        """``(model, tokenizer)`` of ``name``, loading it once (per-model lock, so loads run in parallel)."""
+        """``(model, tokenizer)`` of ``name``, loading it once.
+
+        Loads run one at a time (``_LOAD_LOCK``): transformers' ``from_pretrained`` is not thread-safe.
+        Three models loaded in parallel threads left the process unable to tie embeddings of models loaded
+        later (a tied Qwen2 came back with an untied, uninitialised ``lm_head``). Generation stays parallel.
+        """
         entry = self.entry(name)
         with self._lock:
             lock = self._load_locks.setdefault(name, threading.Lock())
         with lock:
             if name not in self._loaded:
-                self._loaded[name] = _load(entry.ref)
+                with _LOAD_LOCK:
+                    self._loaded[name] = _load(entry.ref)
             return self._loaded[name]
 
 
 _IMPORT_LOCK = threading.Lock()
+_LOAD_LOCK = threading.Lock()  # see ModelStore.get
 
 
 def _model_libraries():
