@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -59,7 +60,19 @@ def test_packing_keeps_every_token_and_fills_rows(packed):
 
 
 def _segments(batch) -> list[tuple[int, int]]:
-    bounds = batch["cu_seq_lens_q"].tolist()
+    """Each document's [start, end) in the flattened row: where ``position_ids`` restart at 0.
+
+    (trl >= 1.16 also returns these bounds as ``cu_seq_lens_q``, computed the same way; older trl does not.)
+    """
+    positions = batch["position_ids"][0]
+    bounds = [*(positions == 0).nonzero().flatten().tolist(), positions.numel()]
+    return list(zip(bounds[:-1], bounds[1:], strict=False))
+
+
+def _documents(examples) -> list[tuple[int, int]]:
+    """Each document's [start, end) once ``examples`` are flattened, from the packer's ``seq_lengths``."""
+    lengths = [n for example in examples for n in example["seq_lengths"]]
+    bounds = [0, *itertools.accumulate(lengths)]
     return list(zip(bounds[:-1], bounds[1:], strict=False))
 
 
@@ -79,8 +92,10 @@ def test_each_document_attends_only_to_itself(f32, packed, attention):
     tokenizer, _, rows = packed
     model = AutoModelForCausalLM.from_pretrained(f32.base, attn_implementation=attention, dtype=torch.float32)
     prepare_model(model).train()  # the configuration training uses: train mode, no cache, no mask
-    batch = packing_collator(tokenizer)([rows[i] for i in range(min(3, len(rows)))])
+    examples = [rows[i] for i in range(min(3, len(rows)))]
+    batch = packing_collator(tokenizer)(examples)
     assert "attention_mask" not in batch
+    assert _segments(batch) == _documents(examples)  # position_ids restart exactly at each document
     assert len(_segments(batch)) >= 3
     gaps = _max_gap(model, batch)
     assert max(gaps) < 1e-4, gaps
@@ -93,9 +108,11 @@ def test_each_document_attends_only_to_itself(f32, packed, attention):
 def test_labels_never_cross_a_document_boundary(packed):
     tokenizer, _, rows = packed
     batch = packing_collator(tokenizer)([rows[0], rows[1]])
+    assert _segments(batch) == _documents([rows[0], rows[1]])  # position_ids restart at each document only
     starts = [start for start, _ in _segments(batch)]
     assert (batch["labels"][0, starts] == -100).all()
-    assert (batch["position_ids"][0, starts] == 0).all()
+    for start, end in _segments(batch):
+        assert batch["position_ids"][0, start:end].tolist() == list(range(end - start))
 
 
 def test_bad_settings_are_refused(f32, packed):

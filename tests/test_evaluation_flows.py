@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 from evalhelpers import write_paper_results
-from hubserver import add_family
+from hubserver import add_family, validate_on_hub
 
 from hf_residual.cli import main
 
@@ -132,7 +132,7 @@ def test_hub_model_evaluated_at_its_sha_and_card_pushed(hub, llama, tmp_path, mo
     ]
     # The Hub's YAML validation route (the double checks a subset of its rules and refuses invalid cards:
     # tests/test_hub_publish.py::test_the_hub_double_rejects_invalid_card_metadata).
-    loaded.validate()
+    validate_on_hub(loaded)
 
     # --create-pr: a pull request, main untouched
     write_paper_results(tmp_path / "paper", refs={"L3i": repo})

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import bits, load_tensors, reference_port
-from hubserver import add_family
+from hubserver import add_family, validate_on_hub
 
 from hf_residual import api
 from hf_residual.cli import main
@@ -85,7 +85,7 @@ def test_residual_repo_pushed_then_used_as_source(writer, llama, expected, tmp_p
     snapshot = Path(snapshot_download(repo, revision=info.sha))
     assert TOKEN not in _files_of(snapshot)
     assert _matches(snapshot, expected["residual"])  # the published weights are I - B, rounded once
-    card.validate()  # the metadata passes the (double's) Hub validation
+    validate_on_hub(card)  # the metadata passes the (double's) Hub validation
 
     # The published residual repo is a SOURCE for port: T + R in float32, rounded once; porting from the
     # models adds the exact I - B instead.
@@ -118,7 +118,7 @@ def test_port_pushes_ported_model_with_lineage(writer, llama, expected, tmp_path
     info = HfApi().model_info(repo, revision="main")
     assert info.card_data.to_dict()["base_model_relation"] == "merge"
 
-    card.validate()
+    validate_on_hub(card)
 
     snapshot = Path(snapshot_download(repo, revision=info.sha))
     model = AutoModelForCausalLM.from_pretrained(snapshot)
@@ -248,6 +248,8 @@ def test_the_hub_double_rejects_invalid_card_metadata(hub, metadata, message):
 
 
 def test_model_card_validate_raises_on_what_the_hub_double_refuses(hub):
+    """ModelCard.validate()'s request (validate_on_hub: to the double at every huggingface_hub version) fails
+    with ValueError on what the double refuses."""
     from hubserver.uploads import card_metadata_errors
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -256,9 +258,9 @@ def test_model_card_validate_raises_on_what_the_hub_double_refuses(hub):
     data = ModelCardData(
         license="apache-2.0", base_model=["org/a", "org/b"], model_name="m", eval_results=[result]
     )
-    ModelCard.from_template(data).validate()
+    validate_on_hub(ModelCard.from_template(data))
     with pytest.raises(ValueError, match='"license" must be one of'):
-        ModelCard("---\nlicense: Apache 2.0\n---\n\n# a model\n").validate()
+        validate_on_hub(ModelCard("---\nlicense: Apache 2.0\n---\n\n# a model\n"))
     assert card_metadata_errors("---\nlicense: [mit\n---\n")[0].startswith(
         "the YAML front matter does not parse"
     )

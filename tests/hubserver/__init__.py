@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .server import LocalHub
 
-__all__ = ["LocalHub", "add_family", "card", "use_hub"]
+__all__ = ["LocalHub", "add_family", "card", "use_hub", "validate_on_hub"]
 
 
 def use_hub(hub: LocalHub, monkeypatch, cache_root: Path) -> None:
@@ -57,3 +57,27 @@ def add_family(hub: LocalHub, family, prefix: str, *, instruct_card: bool = True
     hub.add_repo(ids["instruct"], family.instruct, files=instruct_files)
     hub.add_repo(ids["cpt"], family.cpt, files={"README.md": card(ids["base"])})
     return ids
+
+
+def validate_on_hub(repo_card, repo_type: str | None = None) -> None:
+    """``card.validate()``, sent to the Hub that ``huggingface_hub.constants.ENDPOINT`` names (the double).
+
+    Before huggingface_hub 2.2.0, ``RepoCard.validate()`` posts to https://huggingface.co/api/validate-yaml
+    whatever HF_ENDPOINT says (hermetic tests cannot reach it); from 2.2.0 on it posts to
+    ``constants.ENDPOINT``. This sends the request ``validate()`` sends (same body and headers) to
+    ``constants.ENDPOINT`` at every version, and fails as it does: ``ValueError`` with the Hub's text when it
+    answers 400 (the double's ``card_metadata_errors`` decide), ``HfHubHTTPError`` for any other error.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HfHubHTTPError, get_session, hf_raise_for_status
+
+    body = {"repoType": repo_type or repo_card.repo_type, "content": str(repo_card)}
+    response = get_session().post(
+        f"{constants.ENDPOINT}/api/validate-yaml", json=body, headers={"Accept": "text/plain"}
+    )
+    try:
+        hf_raise_for_status(response)
+    except HfHubHTTPError:
+        if response.status_code == 400:
+            raise ValueError(response.text) from None
+        raise
