@@ -36,8 +36,8 @@ def main() -> None:
     import torch
     from safetensors.torch import save_file
 
-    from hf_residual import engine, plans
-    from hf_residual.checkpoint import open_checkpoint
+    from hf_residual.core import engine, plans
+    from hf_residual.core.checkpoint import open_checkpoint
 
     root = args.workdir / f"apply-{args.dtype}-{args.tensors}x{args.numel}"
     if not (root / "t" / "model.safetensors").is_file():

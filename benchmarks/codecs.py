@@ -159,9 +159,9 @@ def run(args) -> list[dict]:
 
 def _dense_fidelity(instruct: Path, exact: Path, folder: Path, prompts: list[str], kl_none: float) -> dict:
     """Relative error and KL of a bfloat16 residual, measured as for a codec."""
-    from hf_residual.checkpoint import open_checkpoint
     from hf_residual.codecs import fidelity
     from hf_residual.codecs.store import read_tensor
+    from hf_residual.core.checkpoint import open_checkpoint
 
     errors = fidelity.ErrorSummary()
     exact_tensors = open_checkpoint(exact, prefix="residual").tensors
@@ -175,9 +175,9 @@ def _probe_dense(instruct: Path, exact: Path, dense: Path, prompts: list[str]) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_residual.checkpoint import open_checkpoint
     from hf_residual.codecs import fidelity
     from hf_residual.codecs.store import read_tensor
+    from hf_residual.core.checkpoint import open_checkpoint
 
     exact_model = AutoModelForCausalLM.from_pretrained(instruct, dtype=torch.float32).eval()
     other = AutoModelForCausalLM.from_pretrained(instruct, dtype=torch.float32).eval()

@@ -12,8 +12,8 @@ import torch
 from helpers import load_tensors
 from safetensors.torch import save_file
 
-from hf_residual import output as output_module
 from hf_residual.cli import main
+from hf_residual.core import output as output_module
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -212,9 +212,9 @@ def test_not_enough_disk_is_checked_before_writing(fam, tmp_path, capsys, monkey
 @pytest.mark.parametrize("command", ["port", "extract"])
 def test_bytes_that_do_not_read_back_stop_the_run(fam, tmp_path, capsys, monkeypatch, command):
     """Fault injection (a failing disk cannot be made here): one byte of a tensor block is changed on write."""
-    from hf_residual import engine
+    from hf_residual.core import writer
 
-    real_write_all = engine._write_all
+    real_write_all = writer.write_all
 
     def damaging_write_all(handle, view):
         if len(view) > 1000:  # a tensor block, not a header
@@ -223,7 +223,7 @@ def test_bytes_that_do_not_read_back_stop_the_run(fam, tmp_path, capsys, monkeyp
             view = memoryview(damaged)
         real_write_all(handle, view)
 
-    monkeypatch.setattr(engine, "_write_all", damaging_write_all)
+    monkeypatch.setattr(writer, "write_all", damaging_write_all)
     argv = {"port": ["--to", fam.cpt], "extract": []}[command]
     code, err = run_cli(
         capsys, command, fam.instruct, "--base", fam.base, *argv, "-o", tmp_path / "out", "-q"

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from hf_residual.checkpoint import open_checkpoint
 from hf_residual.codecs import registry
 from hf_residual.codecs.store import ShardWriter, as_stored, from_bf16_bits, read_tensor, round_bf16
+from hf_residual.core.checkpoint import open_checkpoint
+from hf_residual.core.manifest import read_manifest
 from hf_residual.errors import ConfigError, ManifestError
-from hf_residual.manifest import read_manifest
 
 
 def _matrix_with_spectrum(singular: list[float], shape=(48, 40), seed=0) -> np.ndarray:

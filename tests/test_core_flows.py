@@ -77,7 +77,7 @@ def test_cli_extract_apply_inspect_as_a_user_runs_them(llama, tmp_path):
 def test_manifest_checksums_match_written_bytes(llama, tmp_path):
     import hashlib
 
-    from hf_residual.checkpoint import open_checkpoint
+    from hf_residual.core.checkpoint import open_checkpoint
 
     api.extract(llama.instruct, llama.base, tmp_path / "r", progress=False)
     manifest = json.loads((tmp_path / "r" / "residual.json").read_text())
@@ -177,7 +177,8 @@ def test_residual_card_records_lineage(llama, tmp_path):
 
 def test_engine_import_is_light():
     code = (
-        "import sys; import hf_residual.engine, hf_residual.plans, hf_residual.checkpoint; "
+        "import sys, pkgutil, importlib, hf_residual.core; import hf_residual.api; "
+        "[importlib.import_module(m.name) for m in pkgutil.iter_modules(hf_residual.core.__path__, 'hf_residual.core.')]; "
         "heavy = [m for m in ('transformers', 'huggingface_hub', 'lm_eval', 'torch') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from hf_residual import api
 from hf_residual.cli import main
-from hf_residual.cpt import sharded
+from hf_residual.core import sharded
 from hf_residual.errors import InputNotFoundError
 
 NEWS = [

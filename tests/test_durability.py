@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_residual import api, output
+from hf_residual import api
+from hf_residual.core import output
 from hf_residual.errors import InsufficientDiskError
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux only")

@@ -24,9 +24,9 @@ def kernel_path(request, monkeypatch):
     numba is a dependency: the fused kernels must be there. A spy on the engine's kernel choice checks
     that the path named is the path taken (the fused parameter would prove nothing on the numpy path).
     """
-    from hf_residual import engine, fused
+    from hf_residual.core import engine, fused
 
-    assert fused.AVAILABLE, "numba is a dependency of hf-residual: hf_residual.fused failed to import it"
+    assert fused.AVAILABLE, "numba is a dependency of hf-residual: hf_residual.core.fused failed to import it"
     chosen = []
     choose = engine._fused_kernel
 
@@ -62,7 +62,7 @@ def test_port_matches_float32_reference_bit_for_bit(families, tmp_path, arch, dt
 @pytest.mark.parametrize("block", [1000, 2049])
 def test_tensors_spanning_many_blocks_are_exact(families, tmp_path, monkeypatch, kernel_path, block):
     """Blocks much smaller than the tensors (and not dividing their sizes): same bits as the reference."""
-    from hf_residual import engine
+    from hf_residual.core import engine
 
     monkeypatch.setattr(engine, "DEFAULT_BLOCK", block)
     family = families("qwen2", "bfloat16")

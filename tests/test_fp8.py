@@ -21,8 +21,9 @@ from helpers import bits, load_tensors
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hf_residual import api, engine, kernels
-from hf_residual.checkpoint import open_checkpoint
+from hf_residual import api
+from hf_residual.core import engine, kernels
+from hf_residual.core.checkpoint import open_checkpoint
 from hf_residual.errors import ConfigError, IncompatibleModelsError
 
 F8 = torch.float8_e4m3fn
@@ -121,7 +122,7 @@ def layout(folder) -> dict[str, tuple[str, list[int]]]:
 def test_decode_reads_any_element_range_of_an_fp8_weight_through_its_block_scales(
     tmp_path, monkeypatch, numba
 ):
-    from hf_residual import fused
+    from hf_residual.core import fused
 
     monkeypatch.setattr(fused, "AVAILABLE", numba and fused.AVAILABLE)
     torch.manual_seed(0)
@@ -152,7 +153,7 @@ def test_decode_reads_any_element_range_of_an_fp8_weight_through_its_block_scale
 def test_port_fp8_instruct_and_base_onto_bf16_target_matches_dequantized_reference(
     family, tmp_path, monkeypatch, block, path
 ):
-    from hf_residual import fused
+    from hf_residual.core import fused
 
     if block:
         monkeypatch.setattr(engine, "DEFAULT_BLOCK", block)
@@ -365,7 +366,7 @@ def test_gguf_only_hub_repo_is_refused_naming_gguf_before_download(hub, family, 
 
 @pytest.mark.parametrize(("dtype", "torch_dtype"), [("F8_E4M3", F8), ("F8_E5M2", torch.float8_e5m2)])
 def test_fp8_encode_rounds_like_torch_and_saturates(dtype, torch_dtype):
-    from hf_residual import fp8
+    from hf_residual.core import fp8
 
     limit = torch.finfo(torch_dtype).max
     torch.manual_seed(0)
@@ -398,9 +399,9 @@ def test_keep_fp8_on_the_command_line_with_port(family, tmp_path):
 @pytest.mark.parametrize("keep_fp8", [True, False])
 def test_an_fp8_tensor_copied_unchanged_keeps_its_bytes_and_scales_or_becomes_bf16(tmp_path, keep_fp8):
     """A target tensor outside the residual (a multimodal target's vision tower) copied through."""
-    from hf_residual import fp8
-    from hf_residual.engine import Segment, Source, TensorJob
-    from hf_residual.safetensors_io import OutputTensor
+    from hf_residual.core import plans
+    from hf_residual.core.engine import Segment, Source, TensorJob
+    from hf_residual.core.safetensors_io import OutputTensor
 
     torch.manual_seed(0)
     codes, scale = quantize(torch.randn(200, 300), (128, 128))
@@ -411,7 +412,7 @@ def test_an_fp8_tensor_copied_unchanged_keeps_its_bytes_and_scales_or_becomes_bf
     copy = TensorJob(
         OutputTensor("v.weight", info.dtype, info.shape), (Segment(0, info.numel, plus=Source(info)),)
     )
-    jobs = fp8.output_jobs([copy], tensors, keep_fp8)
+    jobs = plans.fp8_output_jobs([copy], tensors, keep_fp8)
     (tmp_path / "out").mkdir()
     engine.execute(engine.plan_shards(jobs, "model"), tmp_path / "out")
     got = load_tensors(tmp_path / "out")

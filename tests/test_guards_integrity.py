@@ -20,7 +20,8 @@ import torch
 from helpers import bits, load_tensors
 from safetensors.torch import load_file, save_file
 
-from hf_residual import api, engine, kernels
+from hf_residual import api
+from hf_residual.core import engine, kernels
 from hf_residual.errors import NonFiniteError, VerificationError
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ import torch
 from helpers import bits, load_tensors, reference_port
 from test_bad_input import assert_nothing_written, copy_model, rewrite, run_cli
 
-from hf_residual import lineage
-from hf_residual.api import _base_samples
-from hf_residual.checkpoint import open_checkpoint
+from hf_residual.core import lineage
+from hf_residual.core.checkpoint import open_checkpoint
+from hf_residual.ops.checks import base_samples
 from hf_residual.toy import ARCHITECTURES
 
 
@@ -29,7 +29,7 @@ def fam(families):
 
 def _measured(target, base) -> lineage.Distance:
     t, b = open_checkpoint(target), open_checkpoint(base)
-    samples = _base_samples(b)
+    samples = base_samples(b)
     target_samples = {n: lineage.sample(t.tensors[n], len(v)) for n, v in samples.items()}
     return lineage.relative_distance(target_samples, samples, {n: len(t.tensors[n].shape) for n in samples})
 
@@ -190,7 +190,7 @@ def test_toy_families_stay_far_from_both_limits(families, arch):
     assert _measured(fam.cpt, fam.base).matrices < 0.1
     assert _measured(fam.instruct, fam.base).matrices < 0.1
     b, i = open_checkpoint(fam.base), open_checkpoint(fam.instruct)
-    samples = _base_samples(b)
+    samples = base_samples(b)
     instruct = {n: lineage.sample(i.tensors[n], within=b.tensors[n].numel) for n in samples}
     assert lineage.residual_ratio(lineage.sample_norms(instruct, samples)) > 100 * lineage.MIN_RESIDUAL_RATIO
 

@@ -334,8 +334,8 @@ def test_fuzzed_headers_fail_cleanly_or_are_valid(llama, tmp_path, capsys):
     "metadata", [["format", "pt"], "pt", 7, {"format": 1}, {"format": {"a": "b"}}, {"a": None}]
 )
 def test_metadata_that_is_not_an_object_of_strings_is_refused(tmp_path, metadata):
+    from hf_residual.core.safetensors_io import read_header
     from hf_residual.errors import CorruptCheckpointError
-    from hf_residual.safetensors_io import read_header
 
     path = tmp_path / "model.safetensors"
     header = {"__metadata__": metadata, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
@@ -357,8 +357,8 @@ def test_metadata_that_is_not_an_object_of_strings_is_refused(tmp_path, metadata
     ],
 )
 def test_entries_follow_the_formats_rules(tmp_path, entry, data, match):
+    from hf_residual.core.safetensors_io import read_header
     from hf_residual.errors import CorruptCheckpointError
-    from hf_residual.safetensors_io import read_header
 
     path = tmp_path / "model.safetensors"
     path.write_bytes(encode({"w": entry}, b"\0" * data))

@@ -155,7 +155,7 @@ def test_only_needed_files_are_downloaded(hub, llama, tmp_path):
 
 
 def hub_resolve(repo: str, revision: str | None = None):
-    from hf_residual.sources import resolve
+    from hf_residual.hub.sources import resolve
 
     return resolve(repo, revision, role="instruct model")
 
@@ -206,7 +206,7 @@ def test_offline_mode_uses_the_pinned_cache(hub, llama, tmp_path, monkeypatch):
 
 
 def test_card_metadata_unit():
-    from hf_residual.hub_base import agreed_license, base_from_card
+    from hf_residual.hub.base import agreed_license, base_from_card
 
     assert base_from_card({"base_model": ["a/b"]}, "a/c") == "a/b"
     assert base_from_card({"base_model": ["a/b", "a/d"]}, "a/c") is None
@@ -243,8 +243,8 @@ def test_broken_download_then_rerun_resumes_from_cache(hub, llama, tmp_path, mon
 
 
 def test_known_pairs_table_covers_the_families_users_expect():
-    from hf_residual.hub_base import known_pairs
-    from hf_residual.hub_download import REPO_ID
+    from hf_residual.hub.base import known_pairs
+    from hf_residual.hub.common import REPO_ID
 
     table = known_pairs()
     for instruct in (

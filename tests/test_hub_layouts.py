@@ -19,7 +19,7 @@ from hubserver import card
 from safetensors.torch import save_file
 
 from hf_residual import api
-from hf_residual.checkpoint import open_checkpoint, select_weight_files
+from hf_residual.core.checkpoint import open_checkpoint, select_weight_files
 from hf_residual.errors import IncompatibleModelsError
 
 

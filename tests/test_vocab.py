@@ -1,7 +1,7 @@
 """A target whose vocabulary grew during continual pre-training (tokens added, embeddings resized).
 
 The toy tokenizer has 312 tokens and the models 320 rows (a padded vocabulary), so the target's first 8
-new tokens take ids inside the base's rows and the next 8 grow the embedding (see ``hf_residual.vocab``).
+new tokens take ids inside the base's rows and the next 8 grow the embedding (see ``hf_residual.core.vocab``).
 Loaded as a Qwen2Tokenizer, the Qwen2 toy tokenizer gains ``<|endoftext|>`` at id 312 (transformers adds
 it), so a Qwen2 model's added tokens start at 313: ``first_new`` reads where they start.
 """
@@ -230,7 +230,7 @@ def write_tokenizer_json(folder: Path, tokens: list[str], added: dict[int, str])
 
 def test_same_token_at_other_ids_is_refused_and_resolved(tmp_path):
     """A target-new token the instruct holds at another id is a clash too; each side can win it."""
-    from hf_residual import vocab
+    from hf_residual.core import vocab
 
     words = [f"w{i}" for i in range(8)]
     target = write_tokenizer_json(tmp_path / "target", words, {8: "<|im_start|>", 9: "dom"})
@@ -293,7 +293,7 @@ def test_target_tokens_inside_the_padding_rows(families, tmp_path):
 
 def test_damaged_residual_embedding_is_refused_for_a_grown_target(families, tmp_path):
     """The embedding's rows are read out of order for a grown target: its sha256 is checked in one read."""
-    from hf_residual.checkpoint import open_checkpoint
+    from hf_residual.core.checkpoint import open_checkpoint
     from hf_residual.errors import VerificationError
 
     fam = families("llama", "bfloat16")

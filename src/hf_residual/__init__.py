@@ -1,18 +1,20 @@
 """hf-residual: instruction residuals (instruct - base) computed once and added to new base models.
 
-The public Python API mirrors the CLI: ``extract``, ``apply``, ``port``, ``inspect``.
+The public Python API mirrors the CLI: ``extract``, ``apply``, ``port``, ``inspect`` (and their
+``Result``/``Summary``). Layers, lowest first: ``errors``, ``core`` (the engine), ``codecs``, ``hub``,
+``ops`` (the operations), ``cpt``/``evaluation``/``demo``, ``commands``, ``cli``; see docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from hf_residual._version import __version__
 
-__all__ = ["__version__", "extract", "apply", "port", "inspect"]
+__all__ = ["__version__", "extract", "apply", "port", "inspect", "Result", "Summary"]
 
 
 def __getattr__(name: str):
-    # Lazy so that ``import hf_residual.engine`` stays light (no transformers, no huggingface_hub).
-    if name in ("extract", "apply", "port", "inspect"):
+    # Lazy so that ``import hf_residual.core.engine`` stays light (no transformers, no huggingface_hub).
+    if name in ("extract", "apply", "port", "inspect", "Result", "Summary"):
         from hf_residual import api
 
         return getattr(api, name)

@@ -21,10 +21,10 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from hf_residual import __version__
+from hf_residual._version import __version__
 from hf_residual.commands import COMMAND_MODULES
+from hf_residual.core.output import interrupt
 from hf_residual.errors import ResidualError
-from hf_residual.output import interrupt
 
 
 class Terminated(KeyboardInterrupt):

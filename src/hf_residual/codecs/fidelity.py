@@ -7,13 +7,15 @@ decoded residual, both in float32, as the mean KL(exact || lossy) over every pos
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from hf_residual.core.assets import prompt_text
+from hf_residual.core.manifest import Manifest
 from hf_residual.errors import ConfigError
-from hf_residual.manifest import Manifest
 
 DEFAULT_PROMPTS = [
     "Write a short poem about the sea.",
@@ -77,24 +79,23 @@ def read_prompts(path: str | Path | None) -> list[str]:
 def _encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     ids = []
     for prompt in prompts:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-        else:
-            ids.append(tokenizer(prompt)["input_ids"])
+        text, special = prompt_text(tokenizer, prompt)
+        ids.append(tokenizer(text, add_special_tokens=special)["input_ids"])
     return ids
 
 
-def probe_kl(instruct: Path, dense: Path, encoded: Path, prompts: list[str]) -> dict:
-    """Mean KL between the instruct model and base + decoded residual (``I + decode(R) - R``)."""
+def probe_kl(
+    instruct: Path, dense: Path, decoded: Iterable[tuple[str, np.ndarray]], prompts: list[str]
+) -> dict:
+    """Mean KL between the instruct model and base + decoded residual (``I + decode(R) - R``).
+
+    ``decoded``: the encoded residual's tensors, decoded (``folders.decoded_tensors``), one at a time.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_residual.checkpoint import open_checkpoint
-    from hf_residual.codecs.folders import decoded_tensors
     from hf_residual.codecs.store import read_tensor
+    from hf_residual.core.checkpoint import open_checkpoint
 
     tokenizer = AutoTokenizer.from_pretrained(dense)
     exact_model = AutoModelForCausalLM.from_pretrained(instruct, dtype=torch.float32).eval()
@@ -103,7 +104,7 @@ def probe_kl(instruct: Path, dense: Path, encoded: Path, prompts: list[str]) -> 
     exact_tensors = open_checkpoint(dense, prefix="residual").tensors
     unmatched = []
     with torch.no_grad():
-        for name, approx in decoded_tensors(encoded):
+        for name, approx in decoded:
             if name not in params:
                 unmatched.append(name)
                 continue

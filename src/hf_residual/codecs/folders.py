@@ -16,14 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_residual import __version__
-from hf_residual.checkpoint import open_checkpoint
+from hf_residual._version import __version__
 from hf_residual.codecs import fidelity, peft_adapter, registry
 from hf_residual.codecs.base import Codec
 from hf_residual.codecs.store import ShardWriter, as_stored, read_tensor, round_bf16, to_bf16_bits
+from hf_residual.core.checkpoint import open_checkpoint
+from hf_residual.core.manifest import (
+    CODECS,
+    MANIFEST_NAME,
+    WEIGHTS_PREFIX,
+    Manifest,
+    TensorEntry,
+    read_manifest,
+)
+from hf_residual.core.output import staged_output
 from hf_residual.errors import ManifestError
-from hf_residual.manifest import CODECS, MANIFEST_NAME, WEIGHTS_PREFIX, Manifest, TensorEntry, read_manifest
-from hf_residual.output import staged_output
 
 _WEIGHT_FILES = (MANIFEST_NAME, "README.md", peft_adapter.CONFIG_NAME, peft_adapter.WEIGHTS_NAME)
 
@@ -209,7 +216,7 @@ def encode_into(
     with staged_output(output, overwrite=overwrite, required_bytes=exact_bytes) as staging:
         manifest = encode_folder(dense, staging, codec, max_shard_bytes)
         if prompts is not None:
-            manifest.fidelity["probe"] = fidelity.probe_kl(instruct, dense, staging, prompts)
+            manifest.fidelity["probe"] = fidelity.probe_kl(instruct, dense, decoded_tensors(staging), prompts)
         manifest.note += _fidelity_text(manifest)
         manifest.write(staging)
         (staging / "README.md").write_text(render_card(manifest))

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from hf_residual.codecs.store import NUMPY_DTYPES, ShardWriter, as_stored
-from hf_residual.manifest import Manifest
-from hf_residual.safetensors_io import TensorInfo
+from hf_residual.core.manifest import Manifest
+from hf_residual.core.safetensors_io import TensorInfo
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

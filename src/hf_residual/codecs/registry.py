@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hf_residual import __version__
+from hf_residual._version import __version__
 from hf_residual.codecs.base import Codec, parse_options
 from hf_residual.codecs.bitdelta import BitDelta
 from hf_residual.codecs.lowrank import LowRank
@@ -37,7 +37,7 @@ def parse(spec: str) -> Codec:
 
 
 def known(name: str) -> bool:
-    """Whether a manifest's codec name is one this version can decode."""
+    """Whether a manifest's codec name is one this version can decode (``manifest.LOSSY_CODECS``)."""
     return name in CODECS
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_residual.safetensors_io import (
+from hf_residual.core.safetensors_io import (
     OutputTensor,
     TensorInfo,
     encode_header,

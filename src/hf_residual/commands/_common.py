@@ -118,3 +118,50 @@ def output_label(result) -> str:
     if result.details.get("temporary_output"):
         return f"{result.output.name} (temporary folder, removed after publishing)"
     return str(result.output)
+
+
+def add_target_options(parser: argparse.ArgumentParser) -> None:
+    """``--keep-fp8`` and ``--vocab-from``: how ``apply`` and ``port`` treat what the target brings."""
+    parser.add_argument(
+        "--keep-fp8",
+        action="store_true",
+        help="a TARGET stored in FP8 with block scales (quant_method fp8): write FP8 weights re-quantized "
+        "with its block size, so the output loads like TARGET did. Default: those weights are written in "
+        "bfloat16 and config.json loses its quantization_config",
+    )
+    parser.add_argument(
+        "--vocab-from",
+        choices=("target", "instruct"),
+        default=None,
+        help="a TARGET whose vocabulary grew and an instruct model that added other tokens at the same ids "
+        "(or the same token at other ids): whose token and embedding row win at each clash; the other "
+        "side's clashing tokens are left out. Default: refuse, naming the clashes",
+    )
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments ``apply`` and ``port`` share, from their common flags."""
+    return {
+        "alpha": args.alpha,
+        "target_revision": args.target_revision,
+        "max_shard_size": args.max_shard_size,
+        "overwrite": args.overwrite,
+        "force": args.force,
+        "keep_fp8": args.keep_fp8,
+        "vocab_from": args.vocab_from,
+        "progress": not args.quiet,
+        **publish_kwargs(args),
+    }
+
+
+def print_model(result) -> None:
+    """What ``apply`` and ``port`` print about the model they wrote (without ``--json``)."""
+    from hf_residual.core.vocab import summary_line
+
+    print(
+        f"wrote model {output_label(result)}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
+        f"alpha {result.details['alpha']}, |target - base| / |base| = {result.details['distance']:.4f}"
+    )
+    if summary_line(result.details):
+        print(summary_line(result.details))
+    print_publication(result.details)

@@ -80,7 +80,7 @@ def written(command: str, result, seconds: float, **extra) -> dict:
 def residual_models(folder: Path) -> dict | None:
     """The instruct and base models a residual folder was computed from, as its manifest records them
     (a Hub model with its repo id and pinned commit sha in ``revision``); None when the folder is gone."""
-    from hf_residual.manifest import is_residual_folder, read_manifest
+    from hf_residual.core.manifest import is_residual_folder, read_manifest
 
     if not is_residual_folder(folder):
         return None
@@ -118,7 +118,7 @@ def summary_json(ref: str, summary) -> dict:
 def eval_json(run, suite, seconds: float) -> dict:
     """``eval``: the results folder, each model with its sha, each task run (reused or not, its stored file
     and its metrics as lm-eval reported them, fractions) and the folder's table (percent)."""
-    from hf_residual.evaluation.table import _metrics, build_table, metric_value, to_dict
+    from hf_residual.evaluation.table import build_table, metric_labels, metric_value, to_dict
 
     models = list({r.model.label: r.model for r in run.runs}.values())
     runs = []
@@ -133,7 +133,7 @@ def eval_json(run, suite, seconds: float) -> dict:
                 "path": Path(task_run.path).absolute(),
                 "metrics": {
                     label: metric_value(task_run.results, task_run.task.task, key)
-                    for key, label in _metrics(record).items()
+                    for key, label in metric_labels(record).items()
                 },
             }
         )

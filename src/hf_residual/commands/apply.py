@@ -12,10 +12,9 @@ from hf_residual.commands._common import (
     add_publish,
     add_quiet,
     add_revision,
-    human_bytes,
-    output_label,
-    print_publication,
-    publish_kwargs,
+    add_target_options,
+    model_kwargs,
+    print_model,
 )
 from hf_residual.commands._json import add_json
 
@@ -45,21 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_output(parser, "ported model")
     add_alpha(parser)
     add_force(parser)
-    parser.add_argument(
-        "--keep-fp8",
-        action="store_true",
-        help="a TARGET stored in FP8 with block scales (quant_method fp8): write FP8 weights re-quantized "
-        "with its block size, so the output loads like TARGET did. Default: those weights are written in "
-        "bfloat16 and config.json loses its quantization_config",
-    )
-    parser.add_argument(
-        "--vocab-from",
-        choices=("target", "instruct"),
-        default=None,
-        help="a TARGET whose vocabulary grew and an instruct model that added other tokens at the same ids "
-        "(or the same token at other ids): whose token and embedding row win at each clash; the other "
-        "side's clashing tokens are left out. Default: refuse, naming the clashes",
-    )
+    add_target_options(parser)
     add_quiet(parser)
     add_publish(parser, "ported model")
     add_json(parser)
@@ -68,41 +53,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import time
-    from pathlib import Path
 
-    from hf_residual import api
-    from hf_residual.cpt.sharded import consolidate
+    from hf_residual.ops.apply import apply
 
     started = time.perf_counter()
-    # a checkpoint saved sharded (FSDP SHARDED_STATE_DICT, DeepSpeed ZeRO) is consolidated first
-    with consolidate(args.to, workdir=Path(args.output).parent if args.output else None) as target:
-        result = api.apply(
-            args.residual,
-            target,
-            args.output,
-            alpha=args.alpha,
-            revision=args.revision,
-            target_revision=args.target_revision,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            force=args.force,
-            keep_fp8=args.keep_fp8,
-            vocab_from=args.vocab_from,
-            progress=not args.quiet,
-            **publish_kwargs(args),
-        )
+    # a checkpoint saved sharded (FSDP SHARDED_STATE_DICT, DeepSpeed ZeRO) is consolidated by apply()
+    result = apply(
+        args.residual,
+        args.to,
+        args.output,
+        revision=args.revision,
+        **model_kwargs(args),
+    )
     if args.json:
         from hf_residual.commands._json import emit, written
 
         emit(written("apply", result, time.perf_counter() - started))
         return 0
-    print(
-        f"wrote model {output_label(result)}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
-        f"alpha {result.details['alpha']}, |target - base| / |base| = {result.details['distance']:.4f}"
-    )
-    from hf_residual.vocab import summary_line
-
-    if summary_line(result.details):
-        print(summary_line(result.details))
-    print_publication(result.details)
+    print_model(result)
     return 0

@@ -63,10 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from hf_residual import api
+    from hf_residual.ops.extract import extract
 
     started = time.perf_counter()
-    result = api.extract(
+    result = extract(
         args.instruct,
         args.base,
         args.output,

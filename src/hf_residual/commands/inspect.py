@@ -24,9 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hf_residual import api
+    from hf_residual.ops.inspect import inspect
 
-    summaries = [api.inspect(path, revision=args.revision, token=args.token) for path in args.paths]
+    summaries = [inspect(path, revision=args.revision, token=args.token) for path in args.paths]
     if args.json:
         from hf_residual.commands._json import emit, summary_json
 

@@ -12,11 +12,10 @@ from hf_residual.commands._common import (
     add_publish,
     add_quiet,
     add_revision,
-    human_bytes,
-    output_label,
+    add_target_options,
+    model_kwargs,
     print_base,
-    print_publication,
-    publish_kwargs,
+    print_model,
 )
 from hf_residual.commands._json import add_json
 
@@ -56,21 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_output(parser, "ported model")
     add_alpha(parser)
     add_force(parser)
-    parser.add_argument(
-        "--keep-fp8",
-        action="store_true",
-        help="a TARGET stored in FP8 with block scales (quant_method fp8): write FP8 weights re-quantized "
-        "with its block size, so the output loads like TARGET did. Default: those weights are written in "
-        "bfloat16 and config.json loses its quantization_config",
-    )
-    parser.add_argument(
-        "--vocab-from",
-        choices=("target", "instruct"),
-        default=None,
-        help="a TARGET whose vocabulary grew and an instruct model that added other tokens at the same ids "
-        "(or the same token at other ids): whose token and embedding row win at each clash; the other "
-        "side's clashing tokens are left out. Default: refuse, naming the clashes",
-    )
+    add_target_options(parser)
     add_quiet(parser)
     add_publish(parser, "ported model")
     add_json(parser)
@@ -79,44 +64,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import time
-    from pathlib import Path
 
-    from hf_residual import api
-    from hf_residual.cpt.sharded import consolidate
+    from hf_residual.ops.port import port
 
     started = time.perf_counter()
-    # a checkpoint saved sharded (FSDP SHARDED_STATE_DICT, DeepSpeed ZeRO) is consolidated first
-    with consolidate(args.to, workdir=Path(args.output).parent if args.output else None) as target:
-        result = api.port(
-            args.source,
-            target,
-            args.output,
-            base=args.base,
-            alpha=args.alpha,
-            revision=args.revision,
-            base_revision=args.base_revision,
-            target_revision=args.target_revision,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            force=args.force,
-            keep_fp8=args.keep_fp8,
-            vocab_from=args.vocab_from,
-            progress=not args.quiet,
-            **publish_kwargs(args),
-        )
+    # a checkpoint saved sharded (FSDP SHARDED_STATE_DICT, DeepSpeed ZeRO) is consolidated by port()
+    result = port(
+        args.source,
+        args.to,
+        args.output,
+        base=args.base,
+        revision=args.revision,
+        base_revision=args.base_revision,
+        **model_kwargs(args),
+    )
     if args.json:
         from hf_residual.commands._json import emit, written
 
         emit(written("port", result, time.perf_counter() - started))
         return 0
     print_base(result.details)
-    print(
-        f"wrote model {output_label(result)}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
-        f"alpha {result.details['alpha']}, |target - base| / |base| = {result.details['distance']:.4f}"
-    )
-    from hf_residual.vocab import summary_line
-
-    if summary_line(result.details):
-        print(summary_line(result.details))
-    print_publication(result.details)
+    print_model(result)
     return 0

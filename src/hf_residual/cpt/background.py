@@ -5,7 +5,7 @@ that runs them one at a time, each as ``python -m hf_residual.cpt.background JOB
 with no process group (the distributed environment variables are removed), its own log file, a lower
 CPU priority, and a ``.result.json`` it writes at the end. The thread only waits on the child, so the
 training loop is not slowed beyond the cost of queueing. The child consolidates a sharded checkpoint
-(``cpt.sharded``), ports it with ``hf_residual.api.port`` (which also pushes), scores instruction drift
+(``core.sharded``), ports it with ``hf_residual.ops.port`` (which also pushes), scores instruction drift
 of the checkpoint and of its ported version when asked, and removes its snapshot of the checkpoint.
 """
 
@@ -201,13 +201,12 @@ def _score_folder(folder: Path, drift: dict) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_residual.cpt import checks as checks_module
-    from hf_residual.cpt.callbacks import generate_replies
 
     checks = checks_module.resolve_checks(drift.get("checks"))
     prompts = list(drift.get("prompts") or checks_module.DEFAULT_PROMPTS)
     device = torch.device(drift.get("device") or "cpu")
     model = AutoModelForCausalLM.from_pretrained(folder).to(device)
-    replies = generate_replies(
+    replies = checks_module.generate_replies(
         model, AutoTokenizer.from_pretrained(folder), prompts, checks, drift.get("max_new_tokens", 24)
     )
     return checks_module.score(replies, checks)
@@ -215,8 +214,8 @@ def _score_folder(folder: Path, drift: dict) -> dict[str, float]:
 
 def execute(job: PortJob) -> dict:
     """Port (and score) one checkpoint in this process; what ``python -m`` runs in the child."""
-    from hf_residual import api
-    from hf_residual.cpt import sharded
+    from hf_residual.core import sharded
+    from hf_residual.ops.port import port
 
     checkpoint = Path(job.checkpoint)
     message = f"ported checkpoint at step {job.step}"
@@ -229,7 +228,7 @@ def execute(job: PortJob) -> dict:
         with sharded.consolidate(checkpoint, workdir=workdir, config_from=job.config_from) as target:
             result["sharded"] = target != checkpoint
             logger.info("porting %s to %s (step %s)", checkpoint, output, job.step)
-            api.port(
+            port(
                 job.residual,
                 target,
                 output,

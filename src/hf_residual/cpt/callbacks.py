@@ -3,7 +3,7 @@
 ``ResidualPortCallback``: at each checkpoint save, ``checkpoint + alpha * residual`` is written beside it
 (``ported-checkpoint-<step>``) by a background process (``cpt.background``), optionally pushed, and
 optionally scored for instruction drift; sharded checkpoints (FSDP ``SHARDED_STATE_DICT``, DeepSpeed ZeRO)
-are consolidated there first (``cpt.sharded``). Training never waits on a port: the callback only queues
+are consolidated there first (``core.sharded``). Training never waits on a port: the callback only queues
 it. ``InstructionDriftCallback``: at each evaluation of a single-process run, the share of verifiable
 instructions followed by the raw model and by its ported version, logged through the Trainer
 (TensorBoard, W&B, ...): the paper's Figure 1, live. A failed port is logged and never stops training.
@@ -43,10 +43,10 @@ def _step_of(path: Path) -> int | None:
 
 
 def _port(residual, target: Path, output: Path, alpha: float, base, force: bool, push_to, step) -> Path:
-    from hf_residual import api
+    from hf_residual.ops.port import port
 
     message = f"ported checkpoint at step {step}" if step is not None else None
-    result = api.port(
+    result = port(
         residual,
         target,
         output,
@@ -324,43 +324,6 @@ def _complete_folder(checkpoint: Path, model, processing_class) -> None:
         processing_class.save_pretrained(checkpoint)
 
 
-def _prompt_ids(tokenizer, prompt: str, instruction: str):
-    content = f"{prompt} {instruction}"
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
-        return tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    return tokenizer(content + "\n", return_tensors="pt")
-
-
-def generate_replies(model, tokenizer, prompts: list[str], checks, max_new_tokens: int) -> dict:
-    """Greedy replies to every (prompt, check) pair, one at a time (no padding questions)."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    replies = {}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    try:
-        with torch.no_grad():
-            for prompt in prompts:
-                for check in checks:
-                    inputs = _prompt_ids(tokenizer, prompt, check.instruction).to(model.device)
-                    out = model.generate(
-                        **inputs,
-                        max_new_tokens=max_new_tokens,
-                        do_sample=False,
-                        use_cache=True,
-                        pad_token_id=pad,
-                    )
-                    new = out[0, inputs["input_ids"].shape[1] :]
-                    replies[(prompt, check.name)] = tokenizer.decode(new, skip_special_tokens=True).strip()
-    finally:
-        model.train(was_training)
-    return replies
-
-
 class InstructionDriftCallback(TrainerCallback):
     """On every evaluation, score verifiable instruction following of the raw and of the ported model.
 
@@ -399,7 +362,9 @@ class InstructionDriftCallback(TrainerCallback):
         return self
 
     def _score(self, model, tokenizer) -> dict[str, float]:
-        replies = generate_replies(model, tokenizer, self.prompts, self.checks, self.max_new_tokens)
+        replies = checks_module.generate_replies(
+            model, tokenizer, self.prompts, self.checks, self.max_new_tokens
+        )
         return checks_module.score(replies, self.checks)
 
     def _score_ported(self, model, tokenizer, step: int) -> dict[str, float] | None:

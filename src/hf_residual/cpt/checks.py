@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hf_residual.core.assets import prompt_text
 from hf_residual.errors import ConfigError
 from hf_residual.evaluation import verifiers
 
@@ -75,3 +76,35 @@ def score(replies: dict[tuple[str, str], str], checks: list[Check]) -> dict[str,
     result = {"all": sum(flat) / len(flat) if flat else 0.0}
     result.update({name: sum(oks) / len(oks) for name, oks in passed.items() if oks})
     return result
+
+
+def _prompt_ids(tokenizer, prompt: str, instruction: str):
+    text, special = prompt_text(tokenizer, f"{prompt} {instruction}", plain_suffix="\n")
+    return tokenizer(text, add_special_tokens=special, return_tensors="pt")
+
+
+def generate_replies(model, tokenizer, prompts: list[str], checks, max_new_tokens: int) -> dict:
+    """Greedy replies to every (prompt, check) pair, one at a time (no padding questions)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    replies = {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    try:
+        with torch.no_grad():
+            for prompt in prompts:
+                for check in checks:
+                    inputs = _prompt_ids(tokenizer, prompt, check.instruction).to(model.device)
+                    out = model.generate(
+                        **inputs,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        use_cache=True,
+                        pad_token_id=pad,
+                    )
+                    new = out[0, inputs["input_ids"].shape[1] :]
+                    replies[(prompt, check.name)] = tokenizer.decode(new, skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+    return replies

@@ -12,10 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hf_residual.core.output import check_destination, staged_output
 from hf_residual.cpt.filters import CorpusFilter
 from hf_residual.cpt.sources import Record
 from hf_residual.errors import ConfigError
-from hf_residual.output import check_destination, staged_output
 
 FORMATS = ("arrow", "parquet")
 PARQUET_FILE = "corpus.parquet"

@@ -1,6 +1,6 @@
 """The demo end to end: data, tokenizer, base, instruct, CPT'd models, ported models, evaluation, report.
 
-Each model stage is cached in its folder (see ``cache``); porting goes through ``hf_residual.api.port``,
+Each model stage is cached in its folder (see ``cache``); porting goes through ``hf_residual.ops.port``,
 the same engine users run. Times are measured per stage and returned with the results.
 """
 
@@ -84,6 +84,163 @@ def _cpt_steps(profile: Profile, tokens: int) -> int:
     return max(1, tokens // (profile.cpt_batch * profile.seq_len))
 
 
+@dataclass
+class _Data:
+    """The demo's fictional world, its tokenizer and the packed token rows of corpora A and B."""
+
+    world: world.World
+    tok: object
+    rows_a: object
+    rows_b: object
+    key: str
+
+
+class _Build:
+    """The model stages of one demo run, in order; each built, or reused from its cached folder."""
+
+    def __init__(self, prof: Profile, data: _Data, models: Path, seed: int, rebuild: bool, log, clock):
+        self.prof, self.data, self.models = prof, data, models
+        self.seed, self.rebuild, self.log, self.clock = seed, rebuild, log, clock
+        self.keys: dict[str, str] = {}
+        self.paths: dict[str, Path] = {}
+
+    def _stage(self, name: str, kind: str, settings: dict, *parents: str) -> bool:
+        """Record stage ``name``'s cache key and folder; whether it must be built."""
+        self.keys[name] = cache.key(kind, settings, *parents)
+        self.paths[name] = self.models / name
+        return cache.needs_build(self.paths[name], self.keys[name], self.rebuild)
+
+    def base(self) -> None:
+        prof, tok = self.prof, self.data.tok
+        settings = _settings(
+            prof, "shape", "seq_len", "batch_size", "pretrain_docs", "pretrain_epochs", "pretrain_lr"
+        )
+        with self.clock.stage("base pre-training"):
+            if not self._stage("base", "base", settings, self.data.key):
+                return
+            model = training.new_model(prof.shape, tok, self.seed)
+            batches = training.row_batches(self.data.rows_a, prof.batch_size, prof.pretrain_epochs, self.seed)
+            steps = len(batches)
+            losses = training.train(model, batches, training.Schedule(prof.pretrain_lr, max(1, steps // 20)))
+            training.save_model(model, tok, self.paths["base"], chat=False)
+            info = {
+                "steps": steps,
+                "tokens": steps * prof.batch_size * prof.seq_len,
+                "final_loss": losses[-1],
+            }
+            info["parameters"] = sum(p.numel() for p in model.parameters())
+            cache.mark_built(self.paths["base"], self.keys["base"], info)
+            self.log(
+                f"  base: {info['parameters']:,} parameters, {info['tokens']:,} tokens, loss {losses[-1]:.3f}"
+            )
+
+    def instruct(self) -> None:
+        prof, tok, seed = self.prof, self.data.tok, self.seed
+        settings = _settings(prof, "sft_epochs", "sft_lr", "sft_batch", "sft_freeze", "sft_replay")
+        with self.clock.stage("instruction tuning (SFT)"):
+            if not self._stage("instruct", "instruct", settings, self.keys["base"]):
+                return
+            model = training.load_model(self.paths["base"])
+            for name, param in model.named_parameters():
+                if any(part in name for part in prof.sft_freeze):
+                    param.requires_grad_(False)
+            examples = [
+                training.chat_example(tok, it.messages(), it.response()) for it in self.data.world.sft
+            ]
+            batches = training.chat_batches(examples, prof.sft_batch, prof.sft_epochs, seed)
+            if prof.sft_replay:
+                batches = training.with_replay(batches, self.data.rows_a, prof.sft_replay, seed + 3)
+            schedule = training.Schedule(prof.sft_lr, max(1, len(batches) // 20))
+            losses = training.train(model, batches, schedule)
+            training.save_model(model, tok, self.paths["instruct"], chat=True)
+            info = {"steps": len(batches), "examples": len(examples), "final_loss": losses[-1]}
+            cache.mark_built(self.paths["instruct"], self.keys["instruct"], info)
+            self.log(f"  instruct: {len(examples)} chats x {prof.sft_epochs} epochs, loss {losses[-1]:.3f}")
+
+    def continual_pretraining(self) -> None:
+        prof = self.prof
+        cpt_settings = _settings(
+            prof, "cpt_docs", "cpt_lr", "cpt_warmup", "cpt_decay", "cpt_replay", "seq_len", "cpt_batch"
+        )
+        with self.clock.stage("continual pre-training (CPT)"):
+            for start in ("base", "instruct"):
+                todo = []
+                for label, tokens in zip(prof.labels, prof.cpt_tokens, strict=True):
+                    name = f"cpt-{start}-{label}"
+                    settings = {**cpt_settings, "tokens": tokens}
+                    if prof.cpt_decay != "constant":
+                        settings["run_tokens"] = tokens
+                    if self._stage(name, "cpt", settings, self.keys[start], self.data.key):
+                        todo.append((name, tokens))
+                self._cpt_runs(start, todo)
+
+    def _cpt_runs(self, start: str, todo: list[tuple[str, int]]) -> None:
+        """CPT from ``start`` for each (name, tokens) in ``todo``: one run with snapshots, or a run per size."""
+        prof, tok, paths = self.prof, self.data.tok, self.paths
+        runs = [todo] if prof.cpt_decay == "constant" else [[item] for item in todo]
+        for run in runs if todo else []:
+            steps = _cpt_steps(prof, max(tokens for _, tokens in run))
+            snapshots = {_cpt_steps(prof, tokens): name for name, tokens in run}
+            model = training.load_model(paths[start])
+            batches = _cpt_batches(self.data.rows_b, self.data.rows_a, prof, steps, self.seed + 7)
+            schedule = training.Schedule(prof.cpt_lr, min(prof.cpt_warmup, steps), prof.cpt_decay)
+
+            def snapshot(step: int, model=model, snapshots=snapshots) -> None:
+                if step in snapshots:
+                    name = snapshots[step]
+                    training.save_model(model, tok, paths[name], chat=start == "instruct")
+                    model.train()
+                    tokens = step * prof.cpt_batch * prof.seq_len
+                    cache.mark_built(paths[name], self.keys[name], {"steps": step, "tokens": tokens})
+                    self.log(f"  {name}: {tokens:,} tokens")
+
+            training.train(model, batches, schedule, on_step=snapshot)
+
+    def ported(self) -> None:
+        with self.clock.stage("port (hf_residual.ops.port)"):
+            from hf_residual.ops.port import port
+
+            for label in self.prof.labels:
+                name, cpt = f"ported-{label}", f"cpt-base-{label}"
+                parents = (self.keys["instruct"], self.keys["base"], self.keys[cpt])
+                if self._stage(name, "ported", {"alpha": self.prof.alpha}, *parents):
+                    result = port(
+                        self.paths["instruct"],
+                        self.paths[cpt],
+                        self.paths[name],
+                        base=self.paths["base"],
+                        alpha=self.prof.alpha,
+                        overwrite=True,
+                        progress=False,
+                    )
+                    cache.mark_built(
+                        self.paths[name], self.keys[name], {"distance": result.details["distance"]}
+                    )
+
+    def scores(self) -> dict[str, dict]:
+        prof, data = self.prof, self.data
+        with self.clock.stage("evaluation"):
+            eval_key = cache.key("eval", _settings(prof, "max_new_tokens"), data.key, evaluate.VERSION)
+            return {
+                name: _evaluate(path, data.tok, data.world, prof, eval_key)
+                for name, path in self.paths.items()
+            }
+
+
+def _data(prof: Profile, seed: int) -> _Data:
+    w = world.build_world(seed, prof.n_a, prof.n_b, prof.holdout, prof.eval_per_set)
+    docs_a = world.corpus(random.Random(seed + 1), w.a_facts, prof.pretrain_docs)
+    docs_b = world.corpus(random.Random(seed + 2), w.b_facts, prof.cpt_docs)
+    chat_text = [f"{it.messages()[0]['content']} {it.response()}" for it in w.sft]
+    tok = build_tokenizer(docs_a + chat_text, prof.vocab_size)
+    rows_a = training.packed_rows(training.encode_documents(tok, docs_a), prof.seq_len)
+    rows_b = training.packed_rows(training.encode_documents(tok, docs_b), prof.seq_len)
+    key = cache.key(
+        "world", _settings(prof, "n_a", "n_b", "holdout", "eval_per_set", "vocab_size"), str(seed)
+    )
+    return _Data(w, tok, rows_a, rows_b, key)
+
+
 def run_demo(
     output: str | Path = "hf-residual-demo",
     *,
@@ -99,117 +256,19 @@ def run_demo(
     started = time.perf_counter()
     prof = get_profile(profile) if isinstance(profile, str) else profile
     output = Path(output)
-    models = output / "models"
     clock = _Clock(log)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     bars = _quiet_progress_bars()
     try:
         with clock.stage("data"):
-            w = world.build_world(seed, prof.n_a, prof.n_b, prof.holdout, prof.eval_per_set)
-            docs_a = world.corpus(random.Random(seed + 1), w.a_facts, prof.pretrain_docs)
-            docs_b = world.corpus(random.Random(seed + 2), w.b_facts, prof.cpt_docs)
-            chat_text = [f"{it.messages()[0]['content']} {it.response()}" for it in w.sft]
-            tok = build_tokenizer(docs_a + chat_text, prof.vocab_size)
-            rows_a = training.packed_rows(training.encode_documents(tok, docs_a), prof.seq_len)
-            rows_b = training.packed_rows(training.encode_documents(tok, docs_b), prof.seq_len)
-        world_key = cache.key(
-            "world", _settings(prof, "n_a", "n_b", "holdout", "eval_per_set", "vocab_size"), str(seed)
-        )
-        keys: dict[str, str] = {}
-        paths: dict[str, Path] = {}
-
-        base_settings = _settings(
-            prof, "shape", "seq_len", "batch_size", "pretrain_docs", "pretrain_epochs", "pretrain_lr"
-        )
-        keys["base"], paths["base"] = cache.key("base", base_settings, world_key), models / "base"
-        with clock.stage("base pre-training"):
-            if cache.needs_build(paths["base"], keys["base"], rebuild):
-                model = training.new_model(prof.shape, tok, seed)
-                batches = training.row_batches(rows_a, prof.batch_size, prof.pretrain_epochs, seed)
-                steps = len(batches)
-                losses = training.train(
-                    model, batches, training.Schedule(prof.pretrain_lr, max(1, steps // 20))
-                )
-                training.save_model(model, tok, paths["base"], chat=False)
-                info = {
-                    "steps": steps,
-                    "tokens": steps * prof.batch_size * prof.seq_len,
-                    "final_loss": losses[-1],
-                }
-                info["parameters"] = sum(p.numel() for p in model.parameters())
-                cache.mark_built(paths["base"], keys["base"], info)
-                log(
-                    f"  base: {info['parameters']:,} parameters, {info['tokens']:,} tokens, "
-                    f"loss {losses[-1]:.3f}"
-                )
-
-        sft_settings = _settings(prof, "sft_epochs", "sft_lr", "sft_batch", "sft_freeze", "sft_replay")
-        keys["instruct"], paths["instruct"] = (
-            cache.key("instruct", sft_settings, keys["base"]),
-            models / "instruct",
-        )
-        with clock.stage("instruction tuning (SFT)"):
-            if cache.needs_build(paths["instruct"], keys["instruct"], rebuild):
-                model = training.load_model(paths["base"])
-                for name, param in model.named_parameters():
-                    if any(part in name for part in prof.sft_freeze):
-                        param.requires_grad_(False)
-                examples = [training.chat_example(tok, it.messages(), it.response()) for it in w.sft]
-                batches = training.chat_batches(examples, prof.sft_batch, prof.sft_epochs, seed)
-                if prof.sft_replay:
-                    batches = training.with_replay(batches, rows_a, prof.sft_replay, seed + 3)
-                schedule = training.Schedule(prof.sft_lr, max(1, len(batches) // 20))
-                losses = training.train(model, batches, schedule)
-                training.save_model(model, tok, paths["instruct"], chat=True)
-                info = {"steps": len(batches), "examples": len(examples), "final_loss": losses[-1]}
-                cache.mark_built(paths["instruct"], keys["instruct"], info)
-                log(f"  instruct: {len(examples)} chats x {prof.sft_epochs} epochs, loss {losses[-1]:.3f}")
-
-        cpt_settings = _settings(
-            prof, "cpt_docs", "cpt_lr", "cpt_warmup", "cpt_decay", "cpt_replay", "seq_len", "cpt_batch"
-        )
-        with clock.stage("continual pre-training (CPT)"):
-            for start in ("base", "instruct"):
-                todo = []
-                for label, tokens in zip(prof.labels, prof.cpt_tokens, strict=True):
-                    name = f"cpt-{start}-{label}"
-                    settings = {**cpt_settings, "tokens": tokens}
-                    if prof.cpt_decay != "constant":
-                        settings["run_tokens"] = tokens
-                    keys[name], paths[name] = (
-                        cache.key("cpt", settings, keys[start], world_key),
-                        models / name,
-                    )
-                    if cache.needs_build(paths[name], keys[name], rebuild):
-                        todo.append((name, tokens))
-                _continual_pretraining(prof, tok, paths, keys, start, todo, rows_a, rows_b, seed, log)
-
-        with clock.stage("port (hf_residual.api.port)"):
-            from hf_residual import api
-
-            for label in prof.labels:
-                name = f"ported-{label}"
-                keys[name] = cache.key(
-                    "ported", {"alpha": prof.alpha}, keys["instruct"], keys["base"], keys[f"cpt-base-{label}"]
-                )
-                paths[name] = models / name
-                if cache.needs_build(paths[name], keys[name], rebuild):
-                    result = api.port(
-                        paths["instruct"],
-                        paths[f"cpt-base-{label}"],
-                        paths[name],
-                        base=paths["base"],
-                        alpha=prof.alpha,
-                        overwrite=True,
-                        progress=False,
-                    )
-                    cache.mark_built(paths[name], keys[name], {"distance": result.details["distance"]})
-
-        with clock.stage("evaluation"):
-            eval_key = cache.key("eval", _settings(prof, "max_new_tokens"), world_key, evaluate.VERSION)
-            scores = {name: _evaluate(paths[name], tok, w, prof, eval_key) for name in paths}
-
+            data = _data(prof, seed)
+        build = _Build(prof, data, output / "models", seed, rebuild, log, clock)
+        build.base()
+        build.instruct()
+        build.continual_pretraining()
+        build.ported()
+        scores = build.scores()
         with clock.stage("report"):
             rows = report.table_rows(scores, prof)
             checks = report.pattern_checks(rows, prof)
@@ -236,30 +295,6 @@ def _quiet_progress_bars() -> bool:
     shown = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     return shown
-
-
-def _continual_pretraining(prof, tok, paths, keys, start, todo, rows_a, rows_b, seed, log) -> None:
-    """CPT from ``start`` for each (name, tokens) in ``todo``: one run with snapshots, or a run per size."""
-    if not todo:
-        return
-    runs = [todo] if prof.cpt_decay == "constant" else [[item] for item in todo]
-    for run in runs:
-        steps = _cpt_steps(prof, max(tokens for _, tokens in run))
-        snapshots = {_cpt_steps(prof, tokens): name for name, tokens in run}
-        model = training.load_model(paths[start])
-        batches = _cpt_batches(rows_b, rows_a, prof, steps, seed + 7)
-        schedule = training.Schedule(prof.cpt_lr, min(prof.cpt_warmup, steps), prof.cpt_decay)
-
-        def snapshot(step: int, model=model, snapshots=snapshots) -> None:
-            if step in snapshots:
-                name = snapshots[step]
-                training.save_model(model, tok, paths[name], chat=start == "instruct")
-                model.train()
-                tokens = step * prof.cpt_batch * prof.seq_len
-                cache.mark_built(paths[name], keys[name], {"steps": step, "tokens": tokens})
-                log(f"  {name}: {tokens:,} tokens")
-
-        training.train(model, batches, schedule, on_step=snapshot)
 
 
 def _evaluate(path: Path, tok, w: world.World, prof: Profile, eval_key: str) -> dict:

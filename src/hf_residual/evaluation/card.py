@@ -15,10 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from hf_residual.core.output import write_atomic
 from hf_residual.errors import ConfigError
 from hf_residual.evaluation.store import ResultsStore
 from hf_residual.evaluation.suites import shots
-from hf_residual.evaluation.table import _metrics, build_table, metric_value, to_markdown
+from hf_residual.evaluation.table import build_table, metric_labels, metric_value, to_markdown
 
 START = "<!-- hf-residual:eval:start -->"
 END = "<!-- hf-residual:eval:end -->"
@@ -86,7 +87,7 @@ def eval_results(records: list[dict], model_name: str):
         args = {"num_few_shot": n_shots} if n_shots is not None else {}
         if limit is not None:  # a subset of the task's examples: said in the entry itself
             args["limit"] = limit
-        for key, label in _metrics(record).items():
+        for key, label in metric_labels(record).items():
             value = metric_value(record["lm_eval"], spec["task"], key)
             if value is None:
                 continue
@@ -132,7 +133,7 @@ def eval_results_yaml(records: list[dict]) -> str | None:
     for record in records:
         dataset = _dataset_path(record)
         spec = record["task"]
-        metrics = _metrics(record)
+        metrics = metric_labels(record)
         if not dataset or not metrics:
             continue
         key, label = next(iter(metrics.items()))
@@ -254,7 +255,7 @@ def load_card_text(ref: str, token: str | None = None) -> tuple[str, Path | None
         return (readme.read_text(encoding="utf-8") if readme.is_file() else ""), folder
     from huggingface_hub import HfApi, hf_hub_download
 
-    from hf_residual.hub_download import hub_errors
+    from hf_residual.hub.download import hub_errors
 
     with hub_errors(ref, None, "model", token=token):
         # Listing first: some mirrors answer a missing file as a missing repo.
@@ -297,16 +298,11 @@ def write_card(
 
 
 def _write_local(folder: Path, text: str, extra: str | None) -> list[Path]:
-    import os
-
     written = []
     files = {"README.md": text, **({EVAL_RESULTS_FILE: extra} if extra else {})}
     for name, content in files.items():
         path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, content)
         written.append(path)
     return written
 
@@ -314,7 +310,7 @@ def _write_local(folder: Path, text: str, extra: str | None) -> list[Path]:
 def _push(repo_id: str, text: str, extra: str | None, create_pr: bool, token: str | None):
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from hf_residual.hub_publish import check_repo_id, upload_errors
+    from hf_residual.hub.publish import check_repo_id, upload_errors
 
     check_repo_id(repo_id)
     operations = [CommitOperationAdd("README.md", text.encode())]

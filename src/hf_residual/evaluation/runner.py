@@ -1,7 +1,7 @@
 """Run lm-eval (``lm_eval.simple_evaluate``) on each model for each task of a suite; reuse finished results.
 
 Each model is resolved once (a local folder, or a Hub repo pinned to its commit sha by
-``hf_residual.sources``), loaded once by lm-eval's ``hf`` (or ``vllm``) backend, and evaluated task by task so
+``hf_residual.hub.sources``), loaded once by lm-eval's ``hf`` (or ``vllm``) backend, and evaluated task by task so
 that every task's results are stored as soon as they exist (``store.ResultsStore``).
 """
 
@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hf_residual.core.assets import has_chat_template
 from hf_residual.errors import ConfigError, InputNotFoundError, ResidualError
 from hf_residual.evaluation.store import ModelRef, ResultsStore, result_key
 from hf_residual.evaluation.suites import Suite, TaskSpec, shots
@@ -56,15 +57,6 @@ def folder_sha(folder: Path) -> str:
             while chunk := handle.read(1 << 23):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def has_chat_template(folder: Path) -> bool:
-    import json
-
-    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
-        return True
-    config = folder / "tokenizer_config.json"
-    return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
 
 
 def task_manager(extra: list[Path] | None = None, include_defaults: bool = True):
@@ -185,8 +177,8 @@ def evaluate(
 
 def _resolve_model(ref: str, token: str | None):
     """``ref`` on local disk, refused unless it is a transformers model with valid safetensors weights."""
-    from hf_residual.checkpoint import open_checkpoint
-    from hf_residual.sources import resolve
+    from hf_residual.core.checkpoint import open_checkpoint
+    from hf_residual.hub.sources import resolve
 
     resolved = resolve(ref, role="model", token=token)
     open_checkpoint(resolved.path)  # a folder with weights, every header valid; pickle-only folders refused

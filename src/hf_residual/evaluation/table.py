@@ -98,7 +98,7 @@ def metric_value(lm_eval: dict, task: str, key: str) -> float | None:
     return None
 
 
-def _metrics(record: dict) -> dict[str, str]:
+def metric_labels(record: dict) -> dict[str, str]:
     """The task spec's metrics, or (``--tasks``) every numeric metric lm-eval reported."""
     spec = record["task"]
     if spec["metrics"]:
@@ -125,7 +125,7 @@ def build_table(results_dirs: list[str | Path]) -> Table:
                 table.models.append(label)
                 table.shas[label], table.repo_ids[label] = model["sha"], model.get("repo_id")
             spec = record["task"]
-            for i, (key, metric) in enumerate(_metrics(record).items()):
+            for i, (key, metric) in enumerate(metric_labels(record).items()):
                 row = Row(spec["category"], spec["label"], metric, spec["task"], key)
                 order.setdefault(row, (record.get("position", 0), i))
                 value = metric_value(record["lm_eval"], spec["task"], key)

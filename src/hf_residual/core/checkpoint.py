@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_residual import fp8
+from hf_residual.core import fp8
+from hf_residual.core.safetensors_io import TensorInfo, read_header
 from hf_residual.errors import (
     CorruptCheckpointError,
     IncompatibleModelsError,
     InputNotFoundError,
     PickledWeightsError,
 )
-from hf_residual.safetensors_io import TensorInfo, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS = ".safetensors"

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hf_residual import fp8
-from hf_residual.checkpoint import Checkpoint
-from hf_residual.engine import Segment, Source, TensorJob
+from hf_residual.core import fp8
+from hf_residual.core.checkpoint import Checkpoint
+from hf_residual.core.engine import Segment, Source, TensorJob
+from hf_residual.core.safetensors_io import FLOAT_DTYPES, OutputTensor, TensorInfo
 from hf_residual.errors import IncompatibleModelsError
-from hf_residual.safetensors_io import FLOAT_DTYPES, OutputTensor, TensorInfo
 
 OUTPUT_DTYPES = ("BF16", "F16", "F32")
 BUFFER_DTYPES = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64")
@@ -162,7 +162,7 @@ def check_target(
     for name, shape in base_shapes.items():
         info = target.tensors[name]
         _check_float(info, "target model")
-        if info.dtype not in OUTPUT_DTYPES and not fp8.is_scaled(info):  # FP8: see fp8.output_jobs
+        if info.dtype not in OUTPUT_DTYPES and not fp8.is_scaled(info):  # FP8: see fp8_output_jobs
             raise IncompatibleModelsError(
                 f"target tensor {name!r} is {info.dtype}; supported: BF16, F16, F32"
             )
@@ -263,3 +263,50 @@ def base_shapes_of_residual(
         rows = absolute_rows_from.get(name)
         shapes[name] = info.shape if rows is None else (rows, *info.shape[1:])
     return shapes
+
+
+def fp8_output_jobs(jobs: list, target_tensors: dict[str, TensorInfo], keep_fp8: bool) -> list:
+    """Jobs writing the target's FP8 weights: BF16 by default, re-quantized FP8 with ``keep_fp8``.
+
+    A job that copies a target FP8 tensor unchanged (a tensor outside the residual, e.g. a multimodal
+    target's vision tower) is, with ``keep_fp8``, a byte copy of the codes and of the scales.
+    """
+    out = []
+    for job in jobs:
+        info = target_tensors.get(job.out.name)
+        if info is None or not fp8.is_scaled(info):
+            out.append(job)
+            continue
+        if keep_fp8 and _copies_fp8(job, info):
+            scale = info.scale
+            out.append(TensorJob(OutputTensor(job.out.name, info.dtype, info.shape), job.segments))
+            out.append(
+                TensorJob(
+                    OutputTensor(fp8.scale_name(job.out.name), "F32", scale.shape),
+                    (Segment(0, scale.numel, plus=Source(scale)),),
+                )
+            )
+        elif keep_fp8:
+            scale = OutputTensor(fp8.scale_name(job.out.name), "F32", info.scale.shape)
+            tensor = OutputTensor(job.out.name, info.dtype, info.shape)
+            out.append(TensorJob(tensor, job.segments, job.collect_norms, fp8.Quantize(scale, info.block)))
+        else:
+            out.append(
+                TensorJob(OutputTensor(job.out.name, "BF16", job.out.shape), job.segments, job.collect_norms)
+            )
+    return out
+
+
+def _copies_fp8(job, info: fp8.ScaledInfo) -> bool:
+    """Whether ``job`` writes ``info`` as it is (one segment: plus = the whole tensor, nothing else)."""
+    if len(job.segments) != 1:
+        return False
+    (segment,) = job.segments
+    return (
+        segment.minus is None
+        and segment.addend is None
+        and segment.alpha == 1.0
+        and segment.plus.info == info
+        and segment.plus.start == 0
+        and (segment.start, segment.stop) == (0, info.numel)
+    )

@@ -10,8 +10,8 @@ from importlib import resources
 
 import yaml
 
-from hf_residual import __version__
-from hf_residual.manifest import Manifest, ModelIdentity
+from hf_residual._version import __version__
+from hf_residual.core.manifest import Manifest, ModelIdentity
 
 TAGS = ["hf-residual", "instruction-residual"]
 

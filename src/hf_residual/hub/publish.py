@@ -13,8 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_residual.errors import ConfigError
-from hf_residual.hub import LOGIN_HINT, HubNetworkError, NoWriteAccessError, RepoNotFoundError
-from hf_residual.hub_download import REPO_ID, transport_errors
+from hf_residual.hub.common import (
+    LOGIN_HINT,
+    REPO_ID,
+    HubNetworkError,
+    NoWriteAccessError,
+    RepoNotFoundError,
+    transport_errors,
+)
 
 
 @dataclass

@@ -19,10 +19,10 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
-from hf_residual.checkpoint import Checkpoint
-from hf_residual.engine import Segment, Source, TensorJob
+from hf_residual.core.checkpoint import Checkpoint
+from hf_residual.core.engine import Segment, Source, TensorJob
+from hf_residual.core.safetensors_io import OutputTensor
 from hf_residual.errors import IncompatibleModelsError
-from hf_residual.safetensors_io import OutputTensor
 
 SHOWN = 5  # differing names listed in an error
 

@@ -13,7 +13,7 @@ bytes of any element range and multiplies by the scales (``ScaleTable.apply``), 
 the lineage sample read FP8 like any other float tensor, a block at a time. An F8 tensor without its scale
 stays a plain F8 tensor and is refused by ``plans`` with the fix.
 
-Output (``output_jobs``): a weight the target stores in FP8 is written as BF16 by default (and the
+Output (``plans.fp8_output_jobs``): a weight the target stores in FP8 is written as BF16 by default (and the
 output's ``config.json`` loses its ``quantization_config``); with ``keep_fp8`` it is re-quantized with the
 target's block size and format (``Quantize``): per block ``scale = amax / max_finite`` (``1.0`` for an
 all-zero block), values ``x / scale`` rounded to nearest even and saturated, the scale written as F32
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hf_residual.core.safetensors_io import OutputTensor, TensorInfo
 from hf_residual.errors import IncompatibleModelsError
-from hf_residual.safetensors_io import OutputTensor, TensorInfo
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 SCALE_SUFFIX = "_scale_inv"
@@ -262,55 +262,6 @@ class Quantize:
 
 def has_fp8(tensors: dict[str, TensorInfo]) -> bool:
     return any(is_scaled(info) for info in tensors.values())
-
-
-def output_jobs(jobs: list, target_tensors: dict[str, TensorInfo], keep_fp8: bool) -> list:
-    """Jobs writing the target's FP8 weights: BF16 by default, re-quantized FP8 with ``keep_fp8``.
-
-    A job that copies a target FP8 tensor unchanged (a tensor outside the residual, e.g. a multimodal
-    target's vision tower) is, with ``keep_fp8``, a byte copy of the codes and of the scales.
-    """
-    from hf_residual.engine import Segment, Source, TensorJob
-
-    out = []
-    for job in jobs:
-        info = target_tensors.get(job.out.name)
-        if info is None or not is_scaled(info):
-            out.append(job)
-            continue
-        if keep_fp8 and _copies(job, info):
-            scale = info.scale
-            out.append(TensorJob(OutputTensor(job.out.name, info.dtype, info.shape), job.segments))
-            out.append(
-                TensorJob(
-                    OutputTensor(scale_name(job.out.name), "F32", scale.shape),
-                    (Segment(0, scale.numel, plus=Source(scale)),),
-                )
-            )
-        elif keep_fp8:
-            scale = OutputTensor(scale_name(job.out.name), "F32", info.scale.shape)
-            tensor = OutputTensor(job.out.name, info.dtype, info.shape)
-            out.append(TensorJob(tensor, job.segments, job.collect_norms, Quantize(scale, info.block)))
-        else:
-            out.append(
-                TensorJob(OutputTensor(job.out.name, "BF16", job.out.shape), job.segments, job.collect_norms)
-            )
-    return out
-
-
-def _copies(job, info: ScaledInfo) -> bool:
-    """Whether ``job`` writes ``info`` as it is (one segment: plus = the whole tensor, nothing else)."""
-    if len(job.segments) != 1:
-        return False
-    (segment,) = job.segments
-    return (
-        segment.minus is None
-        and segment.addend is None
-        and segment.alpha == 1.0
-        and segment.plus.info == info
-        and segment.plus.start == 0
-        and (segment.start, segment.stop) == (0, info.numel)
-    )
 
 
 def check_keep_fp8(target_tensors: dict[str, TensorInfo], keep_fp8: bool, target: Path) -> None:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hf_residual import fp8, fused
-from hf_residual.safetensors_io import ITEMSIZE, TensorInfo
+from hf_residual.core import fp8, fused
+from hf_residual.core.safetensors_io import ITEMSIZE, TensorInfo
 
 # Largest float32 bit pattern (sign cleared) that still rounds to a finite value in each dtype.
 _FINITE_LIMIT = {

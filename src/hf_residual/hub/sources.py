@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+from hf_residual.core.manifest import ModelIdentity
 from hf_residual.errors import InputNotFoundError
-from hf_residual.manifest import ModelIdentity
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A model available on local disk, and what to record about where it came from."""
-
-    path: Path
-    identity: ModelIdentity
+from hf_residual.hub.common import ResolvedModel, is_repo_id
 
 
 def split_revision(ref: str, revision: str | None = None) -> tuple[str, str | None]:
@@ -36,10 +28,10 @@ def resolve(
     path = Path(text).expanduser()
     if path.exists():
         return ResolvedModel(path, ModelIdentity(name=path.name))
-    from hf_residual import hub
+    if is_repo_id(text):
+        from hf_residual.hub.download import resolve_repo  # huggingface_hub: only for a Hub id
 
-    if hub.is_repo_id(text):
-        return hub.resolve(text, revision, role=role, token=token)
+        return resolve_repo(text, revision, role=role, token=token)
     raise InputNotFoundError(
         f"{role} {text!r}: no such local folder. Give the path of a folder holding config.json and "
         "*.safetensors weights, or a Hub repo id such as org/name"

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hf_residual.kernels import BlockBuffers, decode
-from hf_residual.safetensors_io import TensorInfo
+from hf_residual.core.kernels import BlockBuffers, decode
+from hf_residual.core.safetensors_io import TensorInfo
 
 SAMPLES_PER_TENSOR = 128
 RUNS = 8

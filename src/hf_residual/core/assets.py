@@ -11,6 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
+from hf_residual.core.output import write_atomic
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -58,4 +60,29 @@ def output_config(target_config: dict, instruct_config: dict, vocab_size: int | 
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# --- chat templates: the one place that decides whether a tokenizer or folder has one -----------------
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether the tokenizer files of ``folder`` carry a chat template (a file, or tokenizer_config's)."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+
+
+def prompt_text(tokenizer, content: str, plain_suffix: str = "") -> tuple[str, bool]:
+    """The text to tokenize for one user turn, and whether the tokenizer should add special tokens.
+
+    With a chat template: the templated conversation with the generation prompt (its special tokens are
+    in the text). Without one: ``content + plain_suffix`` as plain text.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        return text, False
+    return content + plain_suffix, True

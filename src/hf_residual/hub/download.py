@@ -15,26 +15,26 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hf_residual.assets import GENERATION_CONFIG, INSTRUCT_CONFIG, TOKENIZER_FILES, TOKENIZER_FOLDERS
-from hf_residual.checkpoint import PICKLE_SUFFIXES, WeightSelection, select_weight_files
+from hf_residual.core.assets import GENERATION_CONFIG, INSTRUCT_CONFIG, TOKENIZER_FILES, TOKENIZER_FOLDERS
+from hf_residual.core.checkpoint import PICKLE_SUFFIXES, WeightSelection, select_weight_files
+from hf_residual.core.fp8 import gguf_message
+from hf_residual.core.manifest import MANIFEST_NAME, WEIGHTS_PREFIX, ModelIdentity
 from hf_residual.errors import CorruptCheckpointError, IncompatibleModelsError, PickledWeightsError
-from hf_residual.fp8 import gguf_message
-from hf_residual.hub import (
+from hf_residual.hub.common import (
     LOGIN_HINT,
     GatedRepoError,
     HubFileNotFoundError,
     HubNetworkError,
     RepoNotFoundError,
+    ResolvedModel,
     RevisionNotFoundError,
+    transport_errors,
 )
-from hf_residual.manifest import MANIFEST_NAME, WEIGHTS_PREFIX, ModelIdentity
 
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
 LOG = logging.getLogger(__name__)
 SMALL_FILES = (
     "config.json",
@@ -44,17 +44,6 @@ SMALL_FILES = (
     "README.md",
     *TOKENIZER_FILES,
 )
-
-
-def transport_errors() -> tuple[type[Exception], ...]:
-    """HTTP client exceptions huggingface_hub may let through (it uses httpx2; older releases httpx)."""
-    errors: list[type[Exception]] = [OSError]
-    for name in ("httpx2", "httpx"):
-        try:
-            errors.append(__import__(name).HTTPError)
-        except ImportError:
-            continue
-    return tuple(errors)
 
 
 @contextmanager
@@ -200,8 +189,6 @@ def cached_snapshot(repo_id: str, revision: str | None, role: str) -> Path:
 def resolve_repo(repo_id: str, revision: str | None, *, role: str, token: str | None = None):
     """Pin ``repo_id@revision`` to a commit sha, then fetch only the needed files at that sha."""
     from huggingface_hub import HfApi, snapshot_download
-
-    from hf_residual.sources import ResolvedModel
 
     if offline():
         path = cached_snapshot(repo_id, revision, role)

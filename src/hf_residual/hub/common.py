@@ -1,17 +1,21 @@
-"""Hugging Face Hub access: errors users meet, and the entry points used by ``sources`` and ``api``.
+"""What every module of the Hub layer shares: the errors users meet, repo id shape, resolved models.
 
-The work is split by job: ``hub_download`` (repo id + revision -> pinned sha -> only the needed files in
-the normal HF cache), ``hub_base`` (find the base of an instruct model) and ``hub_publish`` (one commit or
-PR with a verified folder). Tokens are passed straight to huggingface_hub and never printed, logged or
-written anywhere.
+Imports only ``errors`` and ``core``; huggingface_hub and the HTTP clients are imported inside functions.
+Tokens are passed straight to huggingface_hub and never printed, logged or written anywhere.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
+from hf_residual.core.manifest import ModelIdentity
 from hf_residual.errors import HubError
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
 
 
 class GatedRepoError(HubError):
@@ -43,16 +47,26 @@ LOGIN_HINT = "log in with `hf auth login`, set HF_TOKEN, or pass --token"
 
 def is_repo_id(text: str) -> bool:
     """``org/name`` (optionally ``@revision``): the shape of a Hub model id, not of a local path."""
-    from hf_residual.hub_download import REPO_ID
-
     return bool(REPO_ID.fullmatch(text))
 
 
-def resolve(repo_id: str, revision: str | None, *, role: str, token: str | None = None):
-    """Pin ``repo_id@revision`` to a commit sha and download only what the job needs."""
-    from hf_residual.hub_download import resolve_repo
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model available on local disk, and what to record about where it came from."""
 
-    return resolve_repo(repo_id, revision, role=role, token=token)
+    path: Path
+    identity: ModelIdentity
+
+
+def transport_errors() -> tuple[type[Exception], ...]:
+    """HTTP client exceptions huggingface_hub may let through (it uses httpx2; older releases httpx)."""
+    errors: list[type[Exception]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(name).HTTPError)
+        except ImportError:
+            continue
+    return tuple(errors)
 
 
 @contextmanager

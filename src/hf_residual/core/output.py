@@ -111,6 +111,22 @@ def remove_folder(folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it renamed over it (one ``os.replace``).
+
+    A reader sees the old file or the new one, never a part; the one helper for small files written in
+    place (config.json of an output, eval results, cards).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 # --- durability: fsync and atomic exchange -------------------------------------------------------------
 
 

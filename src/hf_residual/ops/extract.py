@@ -1,0 +1,184 @@
+"""``extract``: the residual ``instruct - base`` as a residual folder (weights, manifest, tokenizer, card).
+
+The exact path streams ``instruct - base`` through the engine in float32 or bfloat16; a lossy codec
+(``codec="lowrank:64"``...) writes the exact float32 residual to a temporary folder beside the output,
+then encodes it (``codecs.folders``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+from hf_residual.codecs import folders as codec_folders
+from hf_residual.codecs import registry as codec_registry
+from hf_residual.core import assets, engine, plans, vocab
+from hf_residual.core.checkpoint import open_checkpoint
+from hf_residual.core.manifest import CODEC_NOTES, CODECS, WEIGHTS_PREFIX, Manifest, TensorEntry
+from hf_residual.core.output import check_destination, staged_output
+from hf_residual.hub import cards
+from hf_residual.hub.sources import resolve
+from hf_residual.ops import checks, common
+from hf_residual.ops.common import Result
+from hf_residual.ops.options import Options, Publish, normalise_dtype
+
+
+def extract(
+    instruct: str | Path,
+    base: str | Path | None = None,
+    output: str | Path | None = None,
+    *,
+    dtype: str = "bfloat16",
+    codec: str | None = None,
+    probe: bool | str | None = None,
+    instruct_revision: str | None = None,
+    base_revision: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+    push_to: str | None = None,
+    create_pr: bool = False,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+    force: bool = False,
+) -> Result:
+    """Write the residual ``instruct - base`` to a residual folder (weights, manifest, tokenizer, card).
+
+    ``base`` None: found from the instruct card's ``base_model`` or the table of known pairs.
+    ``push_to``: publish the verified folder to that Hub repo (one commit, or a PR with ``create_pr``);
+    ``output`` may then be None (a temporary folder is used). ``dry_run`` uploads nothing.
+    ``codec``: float32/bfloat16 (same as ``dtype``) or a lossy codec (``lowrank:64``, ``bitdelta``,
+    ``sparse:0.1``; see docs/CODECS.md); ``probe`` (lossy codecs): measure next-token KL on the built-in
+    prompts (True) or on a file of prompts, one per line. ``force``: write even a residual that is zero
+    (or nearly: instruct and base look like the same model), which is otherwise refused.
+    """
+    publish = Publish(push_to, create_pr, private, commit_message, dry_run, token)
+    options = Options(max_shard_size, overwrite, progress, publish, force)
+    dtype, lossy = _choose_codec(dtype, codec)
+    revisions = (instruct_revision, base_revision)
+    if lossy is None:
+        return common.run(
+            output, options, lambda out: _extract(instruct, base, out, dtype, revisions, options)
+        )
+    return common.run(
+        output, options, lambda out: _extract_encoded(lossy, probe, instruct, base, out, revisions, options)
+    )
+
+
+def _extract(
+    instruct: str | Path,
+    base: str | Path | None,
+    output: Path,
+    dtype: str,
+    revisions: tuple[str | None, str | None],
+    options: Options,
+) -> Result:
+    """``revisions``: of the instruct model and of the base."""
+    publish, overwrite = options.publish, options.overwrite
+    codec = normalise_dtype(dtype)
+    check_destination(output.absolute(), overwrite=overwrite)
+    instruct_model = resolve(instruct, revisions[0], role="instruct model", token=publish.token)
+    base_source = "given"
+    if base is None:
+        base, base_source = common.find_base(instruct_model, instruct)
+    base_model = resolve(base, revisions[1], role="base model", token=publish.token)
+    i_ckpt, b_ckpt = open_checkpoint(instruct_model.path), open_checkpoint(base_model.path)
+    pairs = plans.pair(i_ckpt, b_ckpt)
+    jobs = plans.extract_jobs(pairs, CODECS[codec])
+    shards = engine.plan_shards(jobs, WEIGHTS_PREFIX, options.max_shard_bytes)
+    samples = checks.base_samples(b_ckpt)
+    checks.check_sampled_residual(pairs, samples, options.force)
+    with staged_output(output, overwrite=overwrite, required_bytes=engine.total_bytes(shards)) as staging:
+        stats = common.execute(shards, staging, "extract", options.progress, checksum="sha256")
+        engine.write_index(staging, WEIGHTS_PREFIX, shards)
+        manifest = Manifest(
+            codec=codec,
+            base=common.identity_of(base_model, b_ckpt, samples),
+            instruct=common.identity_of(instruct_model, i_ckpt),
+            model_type=i_ckpt.model_type,
+            architectures=list(i_ckpt.config.get("architectures") or []),
+            base_vocab_size=b_ckpt.vocab_size,
+            instruct_vocab_size=i_ckpt.vocab_size,
+            base_tokens=vocab.token_count(base_model.path),
+            tensors={
+                p.name: TensorEntry(
+                    shape=list(p.instruct.shape),
+                    dtype=CODECS[codec],
+                    sha256=stats[p.name].sha256,
+                    source_dtype=p.instruct.dtype,
+                    absolute_rows_from=p.absolute_rows_from,
+                    base_norm=stats[p.name].minus_norm,
+                    residual_norm=stats[p.name].result_norm,
+                    base_sample=samples[p.name],
+                )
+                for p in pairs
+            },
+            note=CODEC_NOTES[codec],
+            inexact_elements=sum(s.inexact for s in stats.values()),
+        )
+        manifest.write(staging)
+        assets.copy_chat_assets(instruct_model.path, staging)
+        if i_ckpt.config:
+            assets.write_json(staging / assets.INSTRUCT_CONFIG, i_ckpt.config)
+        license = common.license_of(instruct_model.path, base_model.path)
+        card = cards.residual_card(manifest, publish.card_ref("RESIDUAL_FOLDER_OR_REPO"), license=license)
+        (staging / "README.md").write_text(card)
+    return Result(
+        output,
+        len(jobs),
+        engine.total_bytes(shards),
+        {
+            "codec": codec,
+            "lossless": manifest.lossless,
+            "inexact_elements": manifest.inexact_elements,
+            "base": str(base),
+            "base_source": base_source,
+            "instruct_path": instruct_model.path,  # the resolved folder: a lossy codec's probe loads it
+        },
+    )
+
+
+def _choose_codec(dtype: str, codec: str | None) -> tuple[str, codec_registry.Codec | None]:
+    """``--codec`` float32/bfloat16 is the engine's dtype; anything else is a lossy codec (parsed here)."""
+    if codec is None:
+        return dtype, None
+    dense = codec_registry.dense_dtype(codec)
+    return (dense, None) if dense is not None else (dtype, codec_registry.parse(codec))
+
+
+def _extract_encoded(
+    codec: codec_registry.Codec,
+    probe: bool | str | None,
+    instruct: str | Path,
+    base: str | Path | None,
+    output: Path,
+    revisions: tuple[str | None, str | None],
+    options: Options,
+) -> Result:
+    """The exact float32 residual into a temporary folder beside the output, then encoded with ``codec``."""
+    publish = options.publish
+    check_destination(output.absolute(), overwrite=options.overwrite)
+    parent = output.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.exact-", dir=parent) as tmp:
+        fresh = dataclasses.replace(options, overwrite=False)
+        exact = _extract(instruct, base, Path(tmp) / "exact", "float32", revisions, fresh)
+        license = common.license_of(exact.output)
+        manifest = codec_folders.encode_into(
+            exact.output,
+            output,
+            codec,
+            overwrite=options.overwrite,
+            max_shard_bytes=options.max_shard_bytes,
+            render_card=lambda m: cards.residual_card(
+                m, publish.card_ref("RESIDUAL_FOLDER_OR_REPO"), license
+            ),
+            probe=probe,
+            instruct=exact.details["instruct_path"] if probe else None,
+        )
+    written = sum(p.stat().st_size for p in output.glob("residual*.safetensors"))
+    details = {**exact.details, "codec": codec.spec, "lossless": False, "fidelity": manifest.fidelity}
+    return Result(output, exact.tensors, written, details)
