@@ -211,6 +211,12 @@ def test_second_run_reuses_cached_models_and_cli_prints_table(tiny_demo, capsys)
     assert weights.stat().st_mtime_ns == before
     assert "ported-S" in out and "IF strict" in out and "total" in out
     assert "continual pre-training (CPT)" in out
+    # The stage log names the models taken from their cached folders instead of "done in 0.0 s".
+    assert "[base pre-training] reused cached base (nothing to train)" in out
+    assert "[port (hf_residual.ops.port)] reused cached ported-S" in out
+    assert "[base pre-training] done in" not in out
+    reused = out.split("reused cached models (settings unchanged): ")[1].splitlines()[0].split(", ")
+    assert {"base", "instruct", "cpt-base-S", "cpt-instruct-S", "ported-S"} <= set(reused)
 
 
 FRESH_RUN = """
@@ -269,3 +275,29 @@ def test_quick_profile_shows_the_papers_pattern(tmp_path, seed):
     assert rows["instruct"]["if_strict"] >= 0.7  # measured 0.83 / 0.87 / 0.94 for seeds 0 / 1 / 2
     # CPT taught B (measured 0.06 -> 0.90, 0.13 -> 0.58, 0.13 -> 0.88 at the largest size).
     assert rows["cpt-base-L"]["know_b"] >= rows["base"]["know_b"] + 0.3
+
+
+def test_figure_axes_are_labelled_and_every_legend_entry_is_a_phrase():
+    """figure.png's artists, read back before saving: axis labels, and legend entries a reader understands
+    (no internal codes such as "org" or a bare size label)."""
+    import matplotlib.pyplot as plt
+
+    from hf_residual.demo import report
+
+    prof = get_profile("tiny")
+    names = ["base", "instruct"] + [
+        f"{k}-{s}" for s in prof.labels for k in ("cpt-base", "cpt-instruct", "ported")
+    ]
+    rows = [{"model": n, "if_strict": 0.5, "know_b": 0.25} for n in names]
+    fig = report.figure(rows, prof)
+    try:
+        for ax in fig.axes:
+            assert ax.get_xlabel().strip() and ax.get_ylabel().strip()
+        (legend,) = fig.legends
+        labels = [t.get_text() for t in legend.get_texts()]
+        assert len(labels) == 1 + len(prof.labels)
+        for label in labels:
+            assert len(label.split()) >= 3, label
+            assert label.split()[0] not in {"org", *prof.labels}, label
+    finally:
+        plt.close(fig)

@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     for stage, seconds in result.timings.items():
         print(f"  {stage:<32} {seconds:7.1f} s")
     print(f"  {'total':<32} {result.total_seconds:7.1f} s")
+    if result.reused:
+        print(f"  reused cached models (settings unchanged): {', '.join(result.reused)}")
     print()
     print(f"models in {result.output / 'models'}; report: " + ", ".join(result.files.values()))
     return 1 if args.check and not result.passed else 0

@@ -34,21 +34,38 @@ class DemoResult:
     total_seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
     environment: dict = field(default_factory=dict)  # versions, CPU kernels, threads (report.environment)
+    reused: list[str] = field(default_factory=list)  # model stages taken from their cached folders
 
 
 class _Clock:
+    """Times each stage and logs it; a stage whose models all came from their cached folders says so."""
+
     def __init__(self, log: Callable[[str], None]):
         self.timings: dict[str, float] = {}
         self.log = log
+        self.reused: list[str] = []
+        self._built: list[str] = []
+        self._reused: list[str] = []
+
+    def model(self, name: str, built: bool) -> None:
+        """Record that the current stage built model ``name``, or reused it from its cached folder."""
+        (self._built if built else self._reused).append(name)
+        if not built:
+            self.reused.append(name)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
+        self._built, self._reused = [], []
         self.log(f"[{name}] ...")
         yield
         seconds = time.perf_counter() - started
         self.timings[name] = self.timings.get(name, 0.0) + seconds
-        self.log(f"[{name}] done in {seconds:.1f} s")
+        reused = f"reused cached {', '.join(self._reused)}" if self._reused else ""
+        if reused and not self._built:
+            self.log(f"[{name}] {reused} (nothing to train)")
+        else:
+            self.log(f"[{name}] done in {seconds:.1f} s" + (f"; {reused}" if reused else ""))
 
 
 def _settings(profile: Profile, *names: str) -> dict:
@@ -108,7 +125,9 @@ class _Build:
         """Record stage ``name``'s cache key and folder; whether it must be built."""
         self.keys[name] = cache.key(kind, settings, *parents)
         self.paths[name] = self.models / name
-        return cache.needs_build(self.paths[name], self.keys[name], self.rebuild)
+        built = cache.needs_build(self.paths[name], self.keys[name], self.rebuild)
+        self.clock.model(name, built)
+        return built
 
     def base(self) -> None:
         prof, tok = self.prof, self.data.tok
@@ -283,7 +302,9 @@ def run_demo(
             transformers_logging.enable_progress_bar()
     total = time.perf_counter() - started
     timings = {k: round(v, 1) for k, v in clock.timings.items()}
-    result = DemoResult(output, prof.name, seed, rows, checks, passed, timings, round(total, 1), files, env)
+    result = DemoResult(
+        output, prof.name, seed, rows, checks, passed, timings, round(total, 1), files, env, clock.reused
+    )
     report.write_timings(output, result.timings, result.total_seconds)
     return result
 

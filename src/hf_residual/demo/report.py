@@ -150,8 +150,10 @@ def markdown(rows: list[dict], checks: list[dict], prof: Profile, seed: int, env
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], prof: Profile, path: Path) -> None:
-    """Grouped bars as in the paper's Figure 1: base, instruct, base + residual; one bar per CPT size."""
+def figure(rows: list[dict], prof: Profile):
+    """Grouped bars as in the paper's Figure 1: base, instruct, base + residual; one bar per CPT size.
+
+    Returns the matplotlib Figure (not yet saved): axes labelled, every legend entry a phrase."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,27 +161,45 @@ def plot(rows: list[dict], prof: Profile, path: Path) -> None:
 
     by_name = {r["model"]: r for r in rows}
     sizes = ["org", *prof.labels]
+    legend = [
+        "before CPT (the original models)",
+        *[
+            f"after CPT on corpus B, {s} ({t:,} tokens)"
+            for s, t in zip(prof.labels, prof.cpt_tokens, strict=True)
+        ],
+    ]
     groups = {
         "base": ["base", *[f"cpt-base-{s}" for s in prof.labels]],
         "instruct": ["instruct", *[f"cpt-instruct-{s}" for s in prof.labels]],
         "base + residual": ["instruct", *[f"ported-{s}" for s in prof.labels]],
     }
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, metric, title in (
-        (axes[0], "if_strict", "(a) Instruction following"),
-        (axes[1], "know_b", "(b) Knowledge of B"),
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    for ax, metric, title, ylabel in (
+        (axes[0], "if_strict", "(a) Instruction following", "share of format instructions followed"),
+        (axes[1], "know_b", "(b) Knowledge of B", "share of corpus B facts recalled"),
     ):
         width = 0.8 / len(sizes)
-        for i, size in enumerate(sizes):
+        for i in range(len(sizes)):
             values = [by_name[names[i]][metric] for names in groups.values()]
             xs = [g + (i - (len(sizes) - 1) / 2) * width for g in range(len(groups))]
-            ax.bar(xs, values, width, label=size if i == 0 else f"{size} ({prof.cpt_tokens[i - 1]:,} tok)")
+            ax.bar(xs, values, width, label=legend[i])
         ax.set_xticks(range(len(groups)), list(groups))
+        ax.set_xlabel("model (base + residual: CPT'd base + (instruct - base))")
+        ax.set_ylabel(ylabel)
         ax.set_ylim(0, 1)
         ax.set_title(title)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"hf-residual demo ({prof.name}): CPT vs instruction residual")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))  # room for the legend below the panels
+    return fig
+
+
+def plot(rows: list[dict], prof: Profile, path: Path) -> None:
+    """The figure (``figure``) saved as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, prof)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
