@@ -87,6 +87,13 @@ def test_port_and_apply_json_report_the_same_output_and_distance(llama, residual
     # the CPT toy model is a real descendant of its base: a small, non-zero distance, the same both ways
     assert 0 < port["distance"] < 0.3
     assert apply["distance"] == pytest.approx(port["distance"], rel=1e-6)
+    # the models each resolved: local folders, so a path and no repo id or sha
+    for role, folder in (("instruct", llama.instruct), ("base", llama.base), ("target", llama.cpt)):
+        model = port["models"][role]
+        assert model["path"] == str(folder.absolute()) and model["name"] == folder.name
+        assert model["repo_id"] is None and model["revision"] is None
+    assert apply["models"]["target"]["path"] == str(llama.cpt.absolute())
+    assert apply["models"]["instruct"]["name"] == "instruct" and apply["models"]["base"]["name"] == "base"
 
 
 def test_apply_prints_the_targets_distance_like_port(llama, residual, tmp_path, capsys):
@@ -128,6 +135,12 @@ def test_extract_and_inspect_json_record_the_pinned_shas_of_hub_models(
         identity = data["models"][role]
         assert identity["repo_id"] == ids[role]
         assert identity["revision"] == HfApi().model_info(ids[role], revision="main").sha
+    argv = ["port", ids["instruct"], "--base", ids["base"], "--to", ids["cpt"], "-o", str(tmp_path / "p")]
+    models = run_json([*argv, "-q"], capsys)["models"]  # port records the sha it resolved for each model
+    for role, repo in (("instruct", ids["instruct"]), ("base", ids["base"]), ("target", ids["cpt"])):
+        assert models[role]["repo_id"] == repo and Path(models[role]["path"]).is_dir()
+        assert models[role]["revision"] == HfApi().model_info(repo, revision="main").sha
+        assert len(models[role]["revision"]) == 40
     (item,) = run_json(["inspect", ids["cpt"]], capsys)["items"]
     assert item["repo_id"] == ids["cpt"] and item["ref"] == ids["cpt"] and item["kind"] == "model"
     assert item["revision"] == HfApi().model_info(ids["cpt"], revision="main").sha

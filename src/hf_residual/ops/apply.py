@@ -149,6 +149,10 @@ def _apply_dense(
     if vplan.layout is not None:
         details["vocabulary"] = vplan.layout.summary()
     details.update(names.details(t_names, residual=r_ckpt, target=t_full))
+    # instruct and base as the residual's manifest records them; the target as resolved here
+    details["models"] = common.models_detail(
+        instruct=manifest.instruct, base=manifest.base, target=target_model
+    )
     return Result(output, len(jobs), engine.total_bytes(shards), details)
 
 

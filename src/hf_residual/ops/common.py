@@ -10,7 +10,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hf_residual.core import assets, engine, fp8, names, plans, vocab
@@ -66,6 +66,18 @@ def identity_of(
     if samples is not None:
         identity.fingerprint = checks.fingerprint(samples)
     return identity
+
+
+def models_detail(**models: ResolvedModel | ModelIdentity) -> dict[str, dict]:
+    """``Result.details["models"]``: each model's identity (name, repo id and pinned commit sha for a Hub
+    model, model type, fingerprint) and, for one resolved on this machine, the folder it was read from."""
+    out = {}
+    for role, model in models.items():
+        identity = model.identity if isinstance(model, ResolvedModel) else model
+        out[role] = asdict(identity)
+        if isinstance(model, ResolvedModel):
+            out[role]["path"] = str(Path(model.path).absolute())
+    return out
 
 
 @contextmanager

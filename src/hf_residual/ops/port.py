@@ -129,4 +129,5 @@ def _port(
     if vplan.layout is not None:
         details["vocabulary"] = vplan.layout.summary()
     details.update(names.details(t_names, instruct=i_ckpt, base=b_ckpt, target=t_full))
+    details["models"] = common.models_detail(instruct=source_model, base=base_model, target=target_model)
     return Result(output, len(jobs), engine.total_bytes(shards), details)
