@@ -99,7 +99,7 @@ def write(folder: Path, manifest: Manifest, tensors: dict[str, TensorInfo]) -> d
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-    }
+    }  # no "ensure_weight_tying" for tied models: peft 0.21 then merges the residual twice (docs/CODECS.md)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return {
         "written": True,
