@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -88,12 +89,20 @@ def _label(store: rs.ModelStore | None, name: str | None) -> str:
     return f"{entry.label} · {rs.template_note(entry)}"
 
 
+def _quiet_gradio_queue_statistics() -> None:
+    """Ignore the pandas deprecation warnings (Pandas4Warning: ``future.no_silent_downcasting``, ``copy=``)
+    of gradio's own queue statistics, computed in gradio/queueing.py after every event: they are gradio's
+    to fix and a user of the Space cannot act on them. Only that module's DeprecationWarnings."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"gradio\.queueing")
+
+
 def build_app(config: rs.SpaceConfig | None = None) -> gr.Blocks:
     """The whole page; ``config`` defaults to ``$HF_RESIDUAL_SPACE_MODELS`` or the demo's tiny family.
 
     The tiny family is prepared in the background (trained on the first start): the page is served at
     once, says so in its status line and in the console, and fills the model pickers when it is ready.
     """
+    _quiet_gradio_queue_statistics()
     if config is None and os.environ.get(rs.CONFIG_ENV):
         config = rs.load_config()  # a bad config file fails the start, with its message
     startup = rs.Startup(config) if config is not None else rs.Startup().start()
