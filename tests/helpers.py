@@ -60,3 +60,17 @@ def check_decoded_residual(residual_folder, family, min_cosine: float, rank: int
             assert np.linalg.matrix_rank(decoded) <= rank, name
             assert np.linalg.norm(decoded - exact) <= best + 0.005 * np.linalg.norm(exact), name
     assert compressed >= 14  # the 7 projections of both layers at least
+
+
+def matches(folder: Path, expected: dict[str, torch.Tensor]) -> bool:
+    """The folder's tensors equal ``expected`` bit for bit (same names, dtypes and bits)."""
+    got = load_tensors(folder)
+    return got.keys() == expected.keys() and all(
+        got[k].dtype == expected[k].dtype and torch.equal(bits(got[k]), bits(expected[k])) for k in expected
+    )
+
+
+def reference_folders(target: Path, instruct: Path, base: Path) -> dict[str, torch.Tensor]:
+    """The independent float32 reference of a port of whole folders: T + (I - B), rounded once."""
+    t, i, b = load_tensors(target), load_tensors(instruct), load_tensors(base)
+    return {name: reference_port(t[name], i[name], b[name], 1.0) for name in t}

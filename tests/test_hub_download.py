@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import bits, load_tensors, reference_port
+from helpers import bits, load_tensors, matches, reference_folders
 from hubserver import add_family, card
 from safetensors.torch import save_file
 
@@ -32,24 +32,10 @@ def _prefix() -> str:
     return f"org/m{uuid.uuid4().hex[:8]}"
 
 
-def _matches(folder: Path, expected: dict[str, torch.Tensor]) -> bool:
-    """Bit for bit equal to ``expected`` (same names, dtypes and bits)."""
-    got = load_tensors(folder)
-    return got.keys() == expected.keys() and all(
-        got[k].dtype == expected[k].dtype and torch.equal(bits(got[k]), bits(expected[k])) for k in expected
-    )
-
-
-def _reference(target: Path, instruct: Path, base: Path) -> dict[str, torch.Tensor]:
-    """The independent float32 reference of a port: T + (I - B), rounded once to the target dtype."""
-    t, i, b = load_tensors(target), load_tensors(instruct), load_tensors(base)
-    return {name: reference_port(t[name], i[name], b[name], 1.0) for name in t}
-
-
 @pytest.fixture(scope="module")
 def expected_port(llama) -> dict[str, torch.Tensor]:
     """What porting the toy family's instruct residual onto its CPT model must give, bit for bit."""
-    expected = _reference(llama.cpt, llama.instruct, llama.base)
+    expected = reference_folders(llama.cpt, llama.instruct, llama.base)
     cpt = load_tensors(llama.cpt)
     # The residual changes every matrix (norm weights may round back to the target's values): a port that
     # skipped it, or used another base, cannot match.
@@ -62,7 +48,7 @@ def test_port_by_repo_ids_finds_base_in_card(hub, llama, expected_port, tmp_path
     result = api.port(ids["instruct"], ids["cpt"], tmp_path / "out", progress=False)
     assert result.details["base"] == ids["base"]
     assert "card" in result.details["base_source"]
-    assert _matches(result.output, expected_port)
+    assert matches(result.output, expected_port)
     readme = (result.output / "README.md").read_text()
     for role in ("base", "instruct", "cpt"):
         assert hub.head(ids[role]) in readme  # pinned shas in the card
@@ -81,7 +67,7 @@ def test_port_finds_base_in_packaged_table(hub, llama, expected_port, tmp_path, 
     out = capsys.readouterr().out
     assert code == 0
     assert f"base: {base} (found in hf-residual's table of known pairs" in out
-    assert _matches(tmp_path / "out", expected_port)
+    assert matches(tmp_path / "out", expected_port)
 
 
 def test_base_flag_wins_over_card(hub, llama, expected_port, tmp_path):
@@ -91,8 +77,8 @@ def test_base_flag_wins_over_card(hub, llama, expected_port, tmp_path):
         ids["instruct"], ids["cpt"], tmp_path / "out", base=ids["cpt"], force=True, progress=False
     )
     assert result.details["base_source"] == "given" and result.details["base"] == ids["cpt"]
-    assert _matches(result.output, _reference(llama.cpt, llama.instruct, llama.cpt))
-    assert not _matches(result.output, expected_port)  # the card's base was not used
+    assert matches(result.output, reference_folders(llama.cpt, llama.instruct, llama.cpt))
+    assert not matches(result.output, expected_port)  # the card's base was not used
 
 
 def test_revision_pinning(hub, llama, tmp_path):
@@ -102,7 +88,7 @@ def test_revision_pinning(hub, llama, tmp_path):
     manifest = json.loads((first.output / "residual.json").read_text())
     instruct, base = load_tensors(llama.instruct), load_tensors(llama.base)
     exact = {k: (instruct[k].float() - base[k].float()).to(torch.bfloat16) for k in instruct}
-    assert _matches(first.output, exact)  # I - B of the pinned commit, rounded once to bfloat16
+    assert matches(first.output, exact)  # I - B of the pinned commit, rounded once to bfloat16
     assert manifest["instruct"]["revision"] == pinned
     assert manifest["instruct"]["repo_id"] == ids["instruct"]
     assert manifest["base"]["revision"] == hub.head(ids["base"])
@@ -117,7 +103,7 @@ def test_revision_pinning(hub, llama, tmp_path):
     assert _same(first.output, again.output)
     latest = api.extract(ids["instruct"], output=tmp_path / "r3", progress=False)
     scaled = {k: (instruct[k].float() * 1.5).to(torch.bfloat16) for k in instruct}
-    assert _matches(
+    assert matches(
         latest.output, {k: (scaled[k].float() - base[k].float()).to(torch.bfloat16) for k in scaled}
     )
     assert json.loads((latest.output / "residual.json").read_text())["instruct"]["revision"] == hub.head(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import bits, load_tensors, reference_port
+from helpers import bits, load_tensors, matches, reference_folders
 from hubserver import card
 from safetensors.torch import save_file
 
@@ -25,18 +25,6 @@ from hf_residual.errors import IncompatibleModelsError
 
 def _prefix() -> str:
     return f"org/l{uuid.uuid4().hex[:8]}"
-
-
-def _matches(folder: Path, expected: dict[str, torch.Tensor]) -> bool:
-    got = load_tensors(folder)
-    return got.keys() == expected.keys() and all(
-        got[k].dtype == expected[k].dtype and torch.equal(bits(got[k]), bits(expected[k])) for k in expected
-    )
-
-
-def _reference(target: Path, instruct: Path, base: Path) -> dict[str, torch.Tensor]:
-    t, i, b = load_tensors(target), load_tensors(instruct), load_tensors(base)
-    return {name: reference_port(t[name], i[name], b[name], 1.0) for name in t}
 
 
 def _cached(cache: Path) -> list[str]:
@@ -91,7 +79,7 @@ def _add_family(hub, family, prefix: str, extra) -> dict[str, str]:
 
 def _port_and_check(hub, llama, ids, tmp_path) -> api.Result:
     result = api.port(ids["instruct"], ids["cpt"], tmp_path / "out", progress=False)
-    assert _matches(result.output, _reference(llama.cpt, llama.instruct, llama.base))
+    assert matches(result.output, reference_folders(llama.cpt, llama.instruct, llama.base))
     return result
 
 
@@ -155,7 +143,7 @@ def test_variants_choose_model_safetensors_and_say_so(families, hub, tmp_path, c
     ids = _add_family(hub, single, _prefix(), extra)
     with caplog.at_level("INFO", logger="hf_residual"):
         result = api.port(ids["instruct"], ids["cpt"], tmp_path / "out", progress=False)
-    assert _matches(result.output, _reference(single.cpt, single.instruct, single.base))
+    assert matches(result.output, reference_folders(single.cpt, single.instruct, single.base))
     assert "model.fp16.safetensors" not in _cached(tmp_path / "hf_home")
     assert "not read: model.fp16.safetensors" in caplog.text
     assert result.details["weight_files"] == dict.fromkeys(
@@ -239,7 +227,7 @@ def test_local_llama_layout_never_unpickles(llama, tmp_path, no_pickle_loading):
     result = api.port(
         folders["instruct"], folders["cpt"], tmp_path / "out", base=folders["base"], progress=False
     )
-    assert _matches(result.output, _reference(llama.cpt, llama.instruct, llama.base))
+    assert matches(result.output, reference_folders(llama.cpt, llama.instruct, llama.base))
 
 
 # --- A multimodal wrapper: the same language model under a prefix, plus a vision tower -----------------
@@ -273,9 +261,9 @@ def test_port_onto_a_wrapper_maps_the_prefix_and_copies_the_vision_tower(llama, 
     extras = _wrapper(llama.cpt, target)
     result = api.port(llama.instruct, target, tmp_path / "out", base=llama.base, progress=False)
     expected = {
-        "language_model." + k: v for k, v in _reference(llama.cpt, llama.instruct, llama.base).items()
+        "language_model." + k: v for k, v in reference_folders(llama.cpt, llama.instruct, llama.base).items()
     }
-    assert _matches(result.output, {**expected, **extras})
+    assert matches(result.output, {**expected, **extras})
     assert result.details["target_prefix"] == "language_model."
     assert result.details["copied_from_target"] == sorted(extras)
     assert json.loads((result.output / "config.json").read_text())["model_type"] == "llava"
@@ -311,9 +299,9 @@ def test_apply_onto_a_wrapper(llama, tmp_path):
     residual = api.extract(llama.instruct, llama.base, tmp_path / "residual", dtype="float32", progress=False)
     result = api.apply(residual.output, target, tmp_path / "out", progress=False)
     expected = {
-        "language_model." + k: v for k, v in _reference(llama.cpt, llama.instruct, llama.base).items()
+        "language_model." + k: v for k, v in reference_folders(llama.cpt, llama.instruct, llama.base).items()
     }
-    assert _matches(result.output, {**expected, **extras})
+    assert matches(result.output, {**expected, **extras})
     assert result.details["copied_from_target"] == sorted(extras)
     assert "vision_tower.patch_embed.weight" in (result.output / "README.md").read_text()
 
@@ -340,7 +328,7 @@ def test_fp8_vision_tower_of_a_wrapper_is_copied_with_its_scales_or_dequantized(
     )
     got = load_tensors(result.output)
     expected = {
-        "language_model." + k: v for k, v in _reference(llama.cpt, llama.instruct, llama.base).items()
+        "language_model." + k: v for k, v in reference_folders(llama.cpt, llama.instruct, llama.base).items()
     }
     assert all(torch.equal(bits(got[k]), bits(v)) for k, v in {**expected, **extras}.items())
     if keep_fp8:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import bits, load_tensors, reference_port
+from helpers import bits, load_tensors, matches, reference_port
 from hubserver import add_family, validate_on_hub
 
 from hf_residual import api
@@ -23,14 +23,6 @@ from hf_residual.cli import main
 from hf_residual.hub import NoWriteAccessError
 
 TOKEN = "hf_localTestToken0123456789"
-
-
-def _matches(folder: Path, expected: dict[str, torch.Tensor]) -> bool:
-    """Bit for bit equal to ``expected`` (same names, dtypes and bits)."""
-    got = load_tensors(folder)
-    return got.keys() == expected.keys() and all(
-        got[k].dtype == expected[k].dtype and torch.equal(bits(got[k]), bits(expected[k])) for k in expected
-    )
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +76,15 @@ def test_residual_repo_pushed_then_used_as_source(writer, llama, expected, tmp_p
     assert "hf-residual" in info.card_data.tags
     snapshot = Path(snapshot_download(repo, revision=info.sha))
     assert TOKEN not in _files_of(snapshot)
-    assert _matches(snapshot, expected["residual"])  # the published weights are I - B, rounded once
+    assert matches(snapshot, expected["residual"])  # the published weights are I - B, rounded once
     validate_on_hub(card)  # the metadata passes the (double's) Hub validation
 
     # The published residual repo is a SOURCE for port: T + R in float32, rounded once; porting from the
     # models adds the exact I - B instead.
     from_repo = api.port(repo, ids["cpt"], tmp_path / "from-repo", progress=False)
-    assert _matches(from_repo.output, expected["applied"])
+    assert matches(from_repo.output, expected["applied"])
     direct = api.port(ids["instruct"], ids["cpt"], tmp_path / "direct", progress=False)
-    assert _matches(direct.output, expected["port"])
+    assert matches(direct.output, expected["port"])
 
 
 def test_port_pushes_ported_model_with_lineage(writer, llama, expected, tmp_path):
@@ -123,7 +115,7 @@ def test_port_pushes_ported_model_with_lineage(writer, llama, expected, tmp_path
     snapshot = Path(snapshot_download(repo, revision=info.sha))
     model = AutoModelForCausalLM.from_pretrained(snapshot)
     assert model.config.model_type == "llama"
-    assert _matches(snapshot, expected["port"])
+    assert matches(snapshot, expected["port"])
 
 
 def test_dry_run_uploads_nothing(writer, llama, tmp_path, capsys, monkeypatch):
@@ -187,7 +179,7 @@ def test_interrupted_upload_then_rerun_makes_one_complete_commit(writer, llama, 
     assert local <= published
     from huggingface_hub import snapshot_download
 
-    assert _matches(Path(snapshot_download(repo)), expected["port"])  # the complete, correct weights
+    assert matches(Path(snapshot_download(repo)), expected["port"])  # the complete, correct weights
 
 
 def test_no_write_access_and_no_token(hub, llama, tmp_path, monkeypatch):
