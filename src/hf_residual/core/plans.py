@@ -26,7 +26,6 @@ from hf_residual.errors import IncompatibleModelsError
 
 OUTPUT_DTYPES = ("BF16", "F16", "F32")
 BUFFER_DTYPES = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64")
-FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def _check_float(info: TensorInfo, role: str) -> None:
     """A weight (a tensor that takes part in the arithmetic) must be BF16, F16, F32, F64 or scaled FP8."""
     if info.dtype in FLOAT_DTYPES or fp8.is_scaled(info):
         return
-    if info.dtype in FP8_DTYPES:
+    if info.dtype in fp8.FP8_DTYPES:
         raise IncompatibleModelsError(
             f"tensor {info.name!r} of the {role} is {info.dtype} (8-bit floating point, FP8) without its "
             f"block scales ({info.name + '_scale_inv'!r} is missing); hf-residual reads FP8 weights only "
