@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"codecs"},  # lossy residuals: encode/decode over core's files and manifest
     {"hub"},  # model ids and revisions -> local folders; publishing; cards
     {"ops", "api"},  # extract, apply, port, inspect (``api``: their compatibility re-export)
-    {"cpt", "evaluation", "demo", "toy"},  # features built on the operations
+    {"cpt", "evaluation", "demo", "toy", "tune"},  # features built on the operations
     {"commands"},  # the CLI's sub-commands
     {"cli", "__init__"},  # the front doors
 ]
