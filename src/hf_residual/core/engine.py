@@ -222,6 +222,8 @@ def _compute(
         a -= t
         if segment.roundtrip_of is not None:
             stats.inexact += blocks.count_inexact(a, t, segment.roundtrip_of, offset, files, buffers)
+    if segment.method is not None:  # ties, dare (core.methods): R changed before alpha
+        segment.method.apply(a, segment, offset, decode)
     if segment.alpha != 1.0:
         a *= np.float32(segment.alpha)
     if job.collect_norms:
@@ -347,6 +349,7 @@ def _fused_kernel(segment: Segment, out_dtype: str):
     if (
         not fused.AVAILABLE
         or segment.roundtrip_of is not None
+        or segment.method is not None
         or out_dtype not in fused.VIEW_DTYPES
         or any(s.info.dtype not in fused.VIEW_DTYPES and not fp8.is_scaled(s.info) for s in sources)
     ):

@@ -47,6 +47,9 @@ class Segment:
     # When set, count elements where ``minus + result``, rounded to this source's dtype, is not
     # bit-identical to it: how a float32 residual proves it is lossless.
     roundtrip_of: Source | None = None
+    # A merge method other than task_arithmetic (``methods.SegmentMethod``): changes the residual
+    # ``plus - minus`` block by block before ``alpha``; the engine then takes the numpy path.
+    method: object | None = None
 
 
 @dataclass(frozen=True)
