@@ -22,11 +22,14 @@ from hf_residual.core import blocks, fp8, fused, kernels
 from hf_residual.core import writer as writing
 from hf_residual.core.jobs import (
     DEFAULT_SHARD_BYTES,
+    BlockReader,
+    DecodedInfo,
     Segment,
     ShardPlan,
     Source,
     TensorJob,
     TensorStats,
+    is_decoded,
     plan_shards,
     total_bytes,
     write_index,
@@ -180,23 +183,44 @@ def _run_job(
             view = kernels.encode(a, out_dtype, out, buffers)
             put("data", (out, len(view)))
     digests.check()  # compared by the hasher thread; execute() waits for it before closing the shard
+    decode.finish()  # encoded inputs: their stored parts' digests
     stats.plus_norm **= 0.5
     stats.minus_norm **= 0.5
     stats.result_norm **= 0.5
     return stats
 
 
-def _decoder(
-    files: writing.Files, buffers: kernels.BlockBuffers, digests: writing.InputDigests
-) -> Callable[[Source, int, int, np.ndarray], None]:
-    """``decode(source, offset, count, out)``: float32 values of a segment's input, hashed as read."""
+class _Decode:
+    """``decode(source, offset, count, out)``: float32 values of a segment's input, hashed as read.
 
-    def decode(source: Source, offset: int, count: int, out: np.ndarray) -> None:
+    An encoded input (``DecodedInfo``: a compressed residual) is read through its codec's block reader,
+    opened once per job; ``finish`` (end of the job) has each reader check its stored parts' digests.
+    """
+
+    def __init__(
+        self, files: writing.Files, buffers: kernels.BlockBuffers, digests: writing.InputDigests
+    ) -> None:
+        self.files, self.buffers, self.digests = files, buffers, digests
+        self.readers: dict[DecodedInfo, BlockReader] = {}
+
+    def __call__(self, source: Source, offset: int, count: int, out: np.ndarray) -> None:
         element = source.start + offset
-        sink = (lambda raw: digests.feed(source, element, count, raw)) if source.sha256 else None
-        kernels.decode(files.fd(source.info.file), source.info, element, count, out, buffers, sink)
+        if is_decoded(source.info):
+            reader = self.readers.get(source.info)
+            if reader is None:
+                reader = self.readers[source.info] = source.info.decoder.open(self.files.fd)
+            reader.read(element, count, out[:count])
+            return
+        sink = (lambda raw: self.digests.feed(source, element, count, raw)) if source.sha256 else None
+        kernels.decode(self.files.fd(source.info.file), source.info, element, count, out, self.buffers, sink)
 
-    return decode
+    def finish(self) -> None:
+        for reader in self.readers.values():
+            reader.finish()
+
+
+def _decoder(files: writing.Files, buffers: kernels.BlockBuffers, digests: writing.InputDigests) -> _Decode:
+    return _Decode(files, buffers, digests)
 
 
 def _compute(
@@ -295,6 +319,7 @@ def _run_quantized(
             np.copyto(out[: chunk.size], chunk)
             put("data", (out, chunk.size))
     digests.check()
+    decode.finish()
     stats.plus_norm **= 0.5
     stats.minus_norm **= 0.5
     stats.result_norm **= 0.5
@@ -350,6 +375,7 @@ def _fused_kernel(segment: Segment, out_dtype: str):
         not fused.AVAILABLE
         or segment.roundtrip_of is not None
         or segment.method is not None
+        or any(is_decoded(s.info) for s in sources)  # encoded inputs: numpy path (``_Decode``)
         or out_dtype not in fused.VIEW_DTYPES
         or any(s.info.dtype not in fused.VIEW_DTYPES and not fp8.is_scaled(s.info) for s in sources)
     ):

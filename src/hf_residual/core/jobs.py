@@ -7,9 +7,10 @@ A plan is built and checked before any byte is read (``plans``, ``vocab``, ``nam
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -17,6 +18,39 @@ from hf_residual.core import fp8
 from hf_residual.core.safetensors_io import OutputTensor, TensorInfo, shard_filenames, write_shard_index
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+class BlockReader(Protocol):
+    """An open encoded tensor (``DecodedInfo``): decodes any run of elements, checks its stored bytes."""
+
+    def read(self, start: int, count: int, out: np.ndarray) -> None:
+        """Write the float32 values of elements ``start:start+count`` into ``out[:count]``."""
+
+    def finish(self) -> None:
+        """At the end of the tensor's job: raise ``VerificationError`` if a stored part is damaged."""
+
+
+class BlockDecoder(Protocol):
+    """How one encoded tensor is stored (hashable); ``open`` gives a reader for one job."""
+
+    def open(self, fd: Callable[[Path], int]) -> BlockReader:
+        """``fd(path)``: the engine's shared read-only descriptor of an input file."""
+
+
+@dataclass(frozen=True)
+class DecodedInfo(TensorInfo):
+    """An input tensor stored encoded (a lossy codec's parts), read as float32 a block at a time.
+
+    ``dtype`` is F32 (what the arithmetic sees); ``file``/``offset`` name its first stored part, for
+    messages only. The engine reads it with ``decoder.open(...).read`` on its numpy path (no fused
+    kernel), so compressed residuals are applied in the stream with no decoded copy on disk.
+    """
+
+    decoder: BlockDecoder
+
+
+def is_decoded(info: TensorInfo) -> bool:
+    return isinstance(info, DecodedInfo)
 
 
 @dataclass(frozen=True)
