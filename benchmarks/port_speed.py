@@ -12,6 +12,7 @@ Builds (once) a Llama-shaped bf16 family saved sharded by transformers: ``base``
 Each tool runs under ``/usr/bin/time -v`` for wall time and peak RSS. Usage::
 
     python benchmarks/port_speed.py --shape 1b --mergekit-python /path/to/mergekit-venv/bin/python
+    python benchmarks/port_speed.py --shape 1.1b --repeat 5   # the 1.1B Llama (TinyLlama) shape
     python benchmarks/port_speed.py --shape 8b --layers 4   # memory on an 8B-shaped family
 """
 
@@ -37,6 +38,15 @@ SHAPES = {
         num_attention_heads=32,
         num_key_value_heads=8,
         vocab_size=128256,
+    ),
+    # TinyLlama-1.1B's shape (the issue's 1.1B family): 1.10B parameters, 2.2 GB in bf16.
+    "1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
     ),
     "8b": dict(
         hidden_size=4096,
