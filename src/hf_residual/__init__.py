@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from hf_residual._version import __version__
 
-__all__ = ["__version__", "extract", "apply", "port", "inspect", "Result", "Summary"]
+__all__ = ["__version__", "extract", "apply", "port", "inspect", "Result", "Summary", "Recipe"]
 
 
 def __getattr__(name: str):
     # Lazy so that ``import hf_residual.core.engine`` stays light (no transformers, no huggingface_hub).
-    if name in ("extract", "apply", "port", "inspect", "Result", "Summary"):
+    if name in ("extract", "apply", "port", "inspect", "Result", "Summary", "Recipe"):
         from hf_residual import api
 
         return getattr(api, name)

@@ -9,5 +9,6 @@ from hf_residual.ops.extract import extract
 from hf_residual.ops.inspect import Summary, inspect
 from hf_residual.ops.options import parse_size
 from hf_residual.ops.port import port
+from hf_residual.ops.recipe import Recipe
 
-__all__ = ["Result", "Summary", "apply", "extract", "inspect", "parse_size", "port"]
+__all__ = ["Recipe", "Result", "Summary", "apply", "extract", "inspect", "parse_size", "port"]

@@ -17,6 +17,7 @@ from hf_residual.commands._common import (
     print_model,
 )
 from hf_residual.commands._json import add_json
+from hf_residual.commands.port import add_merge_options, merge_kwargs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +44,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_revision(parser, "--target-revision", "the target", "TARGET")
     add_output(parser, "ported model")
     add_alpha(parser)
+    add_merge_options(parser)
+    parser.add_argument(
+        "--base",
+        metavar="BASE",
+        help="the model the residual was extracted from; read only by --method ties (it elects signs "
+        f"against D = TARGET - BASE): {MODEL_HELP}",
+    )
+    add_revision(parser, "--base-revision", "the base", "BASE")
     add_force(parser)
     add_target_options(parser)
     add_quiet(parser)
@@ -63,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         args.to,
         args.output,
         revision=args.revision,
-        **model_kwargs(args),
+        base=args.base,
+        base_revision=args.base_revision,
+        **{**model_kwargs(args), **merge_kwargs(args)},  # --alpha: the flag, else the recipe's
     )
     if args.json:
         from hf_residual.commands._json import emit, written

@@ -54,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_revision(parser, "--target-revision", "the target", "TARGET")
     add_output(parser, "ported model")
     add_alpha(parser)
+    add_merge_options(parser)
     add_force(parser)
     add_target_options(parser)
     add_quiet(parser)
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         base=args.base,
         revision=args.revision,
         base_revision=args.base_revision,
-        **model_kwargs(args),
+        **{**model_kwargs(args), **merge_kwargs(args)},  # --alpha: the flag, else the recipe's
     )
     if args.json:
         from hf_residual.commands._json import emit, written
@@ -86,3 +87,41 @@ def run(args: argparse.Namespace) -> int:
     print_base(result.details)
     print_model(result)
     return 0
+
+
+def add_merge_options(parser: argparse.ArgumentParser) -> None:
+    """``--alpha-for``, ``--method`` and ``--recipe`` (port and apply); ``--alpha`` is added before."""
+    from hf_residual.core.methods import METHOD_HELP
+
+    parser.add_argument(
+        "--alpha-for",
+        action="append",
+        default=[],
+        metavar="PATTERN=VALUE",
+        help="alpha for the tensors whose name matches the Python regex PATTERN (re.search); repeatable, the "
+        "first matching pattern wins, --alpha applies to the rest. E.g. --alpha-for 'embed_tokens|lm_head=0.5' "
+        "--alpha-for 'layers\\.(2[4-9]|3[01])\\.=1.2'. A pattern that matches no tensor is an error",
+    )
+    parser.add_argument("--method", metavar="SPEC", help=METHOD_HELP)
+    parser.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="a recipe YAML (written by hf-residual tune, or by hand) setting alpha, alpha_for and method; "
+        "--alpha and --method given as well override it, --alpha-for patterns go before its own",
+    )
+    parser.set_defaults(alpha=None)  # so that a recipe's alpha applies unless --alpha is given
+
+
+def merge_kwargs(args: argparse.Namespace) -> dict:
+    """``alpha``, ``alpha_for`` and ``method`` from the flags and the recipe (flags win)."""
+    from hf_residual.core.methods import TASK_ARITHMETIC, parse_alpha_for
+    from hf_residual.ops.recipe import Recipe
+
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
+    alpha_for = parse_alpha_for(args.alpha_for)
+    alpha_for.update({k: v for k, v in recipe.alpha_for.items() if k not in alpha_for})
+    return {
+        "alpha": recipe.alpha if args.alpha is None else args.alpha,
+        "alpha_for": alpha_for,
+        "method": args.method or recipe.method or TASK_ARITHMETIC,
+    }

@@ -16,9 +16,9 @@ its ``weight_scale_inv`` is refused with the fix (dequantize to bfloat16 first).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from hf_residual.core import fp8
+from hf_residual.core import fp8, methods
 from hf_residual.core.checkpoint import Checkpoint
 from hf_residual.core.engine import Segment, Source, TensorJob
 from hf_residual.core.safetensors_io import FLOAT_DTYPES, OutputTensor, TensorInfo
@@ -309,3 +309,33 @@ def _copies_fp8(job, info: fp8.ScaledInfo) -> bool:
         and segment.plus.start == 0
         and (segment.start, segment.stop) == (0, info.numel)
     )
+
+
+def with_merge(
+    jobs: list[TensorJob],
+    alphas: dict[str, float] | None,
+    method: methods.Method,
+    base: Checkpoint | None = None,
+) -> list[TensorJob]:
+    """Per-tensor alpha (``alphas``: by name, see ``methods.resolve_alphas``) and the merge method set on
+    every residual segment (those with an ``addend``: new vocabulary rows and copies have none).
+
+    ``base``: the base checkpoint for a method that reads it in ``apply`` (ties); ``port`` leaves it None
+    (its segments read the base as ``minus``). With no alphas and ``task_arithmetic``, ``jobs`` as they are.
+    """
+    if not alphas and method.is_default:
+        return jobs
+    out = []
+    for job in jobs:
+        name = job.out.name
+        segments = []
+        for s in job.segments:
+            if s.addend is not None:
+                base_source = None
+                if base is not None and s.minus is None:
+                    base_source = Source(base.tensors[name], s.plus.start)
+                alpha = (alphas or {}).get(name, s.alpha)
+                s = replace(s, alpha=alpha, method=method.for_segment(name, s, base_source))
+            segments.append(s)
+        out.append(replace(job, segments=tuple(segments)))
+    return out

@@ -75,8 +75,14 @@ def ported_card(
     model_ref: str = "PATH_OR_REPO_OF_THIS_MODEL",
     license: dict | None = None,
     vocabulary: str | None = None,
+    merge: dict | None = None,
 ) -> str:
-    """README.md of a ported model; ``vocabulary``: which rows got the residual (a grown vocabulary)."""
+    """README.md of a ported model; ``vocabulary``: which rows got the residual (a grown vocabulary).
+
+    ``merge``: ``{"method": spec, "alpha_for": [{pattern, alpha, tensors}]}`` (``ops.options.Merge``);
+    shown only when not the default (task_arithmetic, one alpha), so default cards are unchanged."""
+    merge = merge or {}
+    method = merge.get("method", "task_arithmetic")
     return _template("ported.md.j2").render(
         card_data=_front_matter([target, instruct, base], "merge", license=license),
         title=f"{_ref(target)} + instruction residual of {_ref(instruct)}",
@@ -89,4 +95,6 @@ def ported_card(
         tool_version=__version__,
         model_ref=model_ref,
         vocabulary=vocabulary,
+        method=None if method == "task_arithmetic" else method,
+        alpha_for=merge.get("alpha_for") or [],
     )

@@ -16,11 +16,12 @@ from hf_residual.core.checkpoint import open_checkpoint
 from hf_residual.core.manifest import WEIGHTS_PREFIX, Manifest, read_manifest
 from hf_residual.core.output import check_destination, staged_output
 from hf_residual.core.sharded import consolidate
+from hf_residual.errors import ConfigError, IncompatibleModelsError
 from hf_residual.hub import ResolvedModel, cards
 from hf_residual.hub.sources import resolve
 from hf_residual.ops import checks, common
 from hf_residual.ops.common import Result
-from hf_residual.ops.options import Options, Publish, check_alpha
+from hf_residual.ops.options import Merge, Options, Publish, check_alpha
 
 
 def apply(
@@ -43,6 +44,10 @@ def apply(
     token: str | None = None,
     keep_fp8: bool = False,
     vocab_from: str | None = None,
+    alpha_for: dict[str, float] | None = None,
+    method: str = "task_arithmetic",
+    base: str | Path | None = None,
+    base_revision: str | None = None,
 ) -> Result:
     """Write ``target + alpha * residual`` as a complete transformers model folder.
 
@@ -52,9 +57,12 @@ def apply(
     ``vocab_from``: ``"target"`` or ``"instruct"``, whose token (and embedding row) wins where a target
     with a grown vocabulary and the instruct model added different tokens at one id (see ``vocab``).
     ``to`` may be a checkpoint folder saved sharded (FSDP, ZeRO): it is consolidated first.
+    ``alpha_for``, ``method``: see ``port``. ``base``: the residual's base model, read only by a method
+    that needs it (``ties`` elects signs against ``D = target - base``); ``dare`` works without it.
     """
     publish = Publish(push_to, create_pr, private, commit_message, dry_run, token)
-    options = Options(max_shard_size, overwrite, progress, publish, force, keep_fp8, vocab_from)
+    merge = Merge(alpha_for or {}, method, base, base_revision)
+    options = Options(max_shard_size, overwrite, progress, publish, force, keep_fp8, vocab_from, merge)
 
     def work(out: Path) -> Result:
         with consolidate(to, workdir=sharded_workdir(output)) as target:
@@ -123,6 +131,8 @@ def _apply_dense(
     )
     jobs = plans.apply_jobs(r_ckpt, rows, t_ckpt, alpha, manifest.checksums)
     jobs = vplan.apply_jobs(jobs, r_ckpt, t_ckpt, alpha, manifest.checksums)
+    base_ckpt = _method_base(options, base_shapes)
+    jobs, merged = options.merge.plan(jobs, list(r_ckpt.tensors), alpha, base_ckpt)
     jobs = common.output_jobs(jobs, t_full, t_names, options.keep_fp8)
     shards = engine.plan_shards(jobs, "model", options.max_shard_bytes)
     instruct_config = common.read_json(residual / assets.INSTRUCT_CONFIG)
@@ -140,12 +150,13 @@ def _apply_dense(
             model_ref=publish.card_ref("PATH_OR_REPO_OF_THIS_MODEL"),
             license=common.license_of(residual, target_model.path),
             vocabulary=vplan.layout.describe() if vplan.layout else None,
+            merge=merged,
         )
         card += names.card_note(t_names)
         common.write_model_extras(
             staging, t_full, instruct_config, grown, residual, card, options.keep_fp8, vplan.layout
         )
-    details = {"alpha": alpha, "distance": distance}
+    details = {"alpha": alpha, "distance": distance, **merged}
     if vplan.layout is not None:
         details["vocabulary"] = vplan.layout.summary()
     details.update(names.details(t_names, residual=r_ckpt, target=t_full))
@@ -170,3 +181,26 @@ def _check_target_of_residual(manifest: Manifest, target_model: ResolvedModel, f
     )
     checks.check_descendant(target, {n: e.base_sample for n, e in manifest.tensors.items()}, force, shapes)
     checks.check_manifest_residual(manifest, force)
+
+
+def _method_base(options: Options, base_shapes: dict[str, tuple]):
+    """The base checkpoint for a method that reads it (ties), checked to have the residual's shapes."""
+    merge = options.merge
+    if not merge.parsed.needs_base:
+        return None
+    if merge.base is None:
+        raise ConfigError(
+            f"method {merge.parsed.spec!r} elects signs against the CPT update D = target - base, and a "
+            "residual holds no base: pass the model the residual was extracted from as base= (--base BASE)"
+        )
+    model = resolve(merge.base, merge.base_revision, role="base model", token=options.publish.token)
+    base = open_checkpoint(model.path)
+    for name, shape in base_shapes.items():
+        info = base.tensors.get(name)
+        if info is None or tuple(info.shape) != tuple(shape):
+            got = "missing" if info is None else f"of shape {list(info.shape)}"
+            raise IncompatibleModelsError(
+                f"base tensor {name!r} is {got} where the residual's base has shape {list(shape)}: "
+                f"is {merge.base} the model the residual was extracted from?"
+            )
+    return base

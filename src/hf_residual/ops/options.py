@@ -6,9 +6,10 @@ parsing of dtype, shard size and alpha values.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from hf_residual.core import vocab
+from hf_residual.core import methods, plans, vocab
 from hf_residual.errors import ConfigError
 
 DTYPE_ALIASES = {
@@ -75,6 +76,43 @@ class Publish:
 
 
 @dataclass(frozen=True)
+class Merge:
+    """How ``port``/``apply`` combine the residual (besides the global ``alpha``), checked when built.
+
+    ``alpha_for``: regex -> alpha, first match wins (``methods.resolve_alphas``); ``method``: a spec
+    (``methods.parse_method``); ``base``: the base model for ``apply`` with a method that reads it (ties).
+    """
+
+    alpha_for: dict[str, float] = field(default_factory=dict)
+    method: str = methods.TASK_ARITHMETIC
+    base: str | Path | None = None
+    base_revision: str | None = None
+
+    def __post_init__(self) -> None:
+        methods.compile_alpha_for(self.alpha_for)  # a bad regex or alpha fails before any download
+        object.__setattr__(self, "alpha_for", dict(self.alpha_for or {}))
+        self.parsed  # noqa: B018 - an unknown method or parameter fails here too
+
+    @property
+    def parsed(self) -> methods.Method:
+        return methods.parse_method(self.method)
+
+    @property
+    def is_default(self) -> bool:
+        return not self.alpha_for and self.parsed.is_default
+
+    def plan(self, jobs: list, names, alpha: float, base=None) -> tuple[list, dict]:
+        """``jobs`` with each tensor's alpha and the method set (``plans.with_merge``), and the details."""
+        alphas, table = methods.resolve_alphas(names, self.alpha_for, alpha)
+        jobs = plans.with_merge(jobs, alphas if self.alpha_for else None, self.parsed, base)
+        return jobs, self.details(table)
+
+    def details(self, table: list[dict]) -> dict:
+        """What the result's details (and ``--json``) record: the method's spec and the alpha_for table."""
+        return {"method": self.parsed.spec, "alpha_for": table}
+
+
+@dataclass(frozen=True)
 class Options:
     """What every operation shares, built once from the public keyword arguments and passed down."""
 
@@ -85,6 +123,7 @@ class Options:
     force: bool = False
     keep_fp8: bool = False  # port/apply: write the target's FP8 weights as FP8 (plans.fp8_output_jobs)
     vocab_from: str | None = None  # port/apply: whose token wins where target and instruct clash (vocab)
+    merge: Merge = field(default_factory=Merge)  # port/apply: alpha_for and the merge method
 
     def __post_init__(self) -> None:
         vocab.check_vocab_from(self.vocab_from)

@@ -18,7 +18,7 @@ from hf_residual.hub.sources import resolve
 from hf_residual.ops import checks, common
 from hf_residual.ops.apply import apply_residual, sharded_workdir
 from hf_residual.ops.common import Result
-from hf_residual.ops.options import Options, Publish, check_alpha
+from hf_residual.ops.options import Merge, Options, Publish, check_alpha
 
 
 def port(
@@ -43,6 +43,8 @@ def port(
     token: str | None = None,
     keep_fp8: bool = False,
     vocab_from: str | None = None,
+    alpha_for: dict[str, float] | None = None,
+    method: str = "task_arithmetic",
 ) -> Result:
     """``target + alpha * (instruct - base)`` in one pass; ``source`` may also be a residual folder or repo.
 
@@ -50,9 +52,13 @@ def port(
     ``push_to`` publishes the verified folder (see ``extract``); ``output`` may then be None.
     ``keep_fp8``, ``vocab_from``: see ``apply``. Instruct and base may be FP8 too (dequantized as read).
     ``to`` may be a checkpoint folder saved sharded (FSDP, ZeRO): it is consolidated first.
+    ``alpha_for``: regex on tensor names -> alpha (``re.search``, first match wins, in order; ``alpha``
+    for the rest); ``method``: ``task_arithmetic``, ``ties:density=D`` or ``dare:p=P,seed=S`` (see
+    ``core.methods``). Both are recorded in the details and the card.
     """
     publish = Publish(push_to, create_pr, private, commit_message, dry_run, token)
-    options = Options(max_shard_size, overwrite, progress, publish, force, keep_fp8, vocab_from)
+    merge = Merge(alpha_for or {}, method, base, base_revision)
+    options = Options(max_shard_size, overwrite, progress, publish, force, keep_fp8, vocab_from, merge)
     revisions = (revision, base_revision, target_revision)
 
     def work(out: Path) -> Result:
@@ -104,6 +110,7 @@ def _port(
         vocab_from=options.vocab_from,
     )
     jobs = vplan.port_jobs(plans.port_jobs(pairs, t_ckpt, alpha), pairs, t_ckpt, alpha)
+    jobs, merged = options.merge.plan(jobs, [p.name for p in pairs], alpha)
     jobs = common.output_jobs(jobs, t_full, t_names, options.keep_fp8)
     shards = engine.plan_shards(jobs, "model", options.max_shard_bytes)
     grown = i_ckpt.vocab_size if i_ckpt.vocab_size != b_ckpt.vocab_size else None
@@ -120,12 +127,13 @@ def _port(
             model_ref=publish.card_ref("PATH_OR_REPO_OF_THIS_MODEL"),
             license=common.license_of(target_model.path, source_model.path, base_model.path),
             vocabulary=vplan.layout.describe() if vplan.layout else None,
+            merge=merged,
         )
         card += names.card_note(t_names)
         common.write_model_extras(
             staging, t_full, i_ckpt.config, grown, source_model.path, card, options.keep_fp8, vplan.layout
         )
-    details = {"alpha": alpha, "distance": distance, "base": str(base), "base_source": base_source}
+    details = {"alpha": alpha, "distance": distance, "base": str(base), "base_source": base_source, **merged}
     if vplan.layout is not None:
         details["vocabulary"] = vplan.layout.summary()
     details.update(names.details(t_names, instruct=i_ckpt, base=b_ckpt, target=t_full))
