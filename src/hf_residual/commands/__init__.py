@@ -11,4 +11,5 @@ COMMAND_MODULES = [
     "eval_cmd",
     "compare",
     "card",
+    "tune",
 ]

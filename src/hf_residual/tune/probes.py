@@ -177,3 +177,22 @@ def demo_probes(profile: str = "quick", seed: int = 0) -> Probes:
         prefix, value = fact.probe()
         qa.append(QAPair(f"{evaluate.PROBE_CONTEXT} {prefix}", value))
     return Probes(prompts, tuple(qa), max_new_tokens=prof.max_new_tokens, name=f"demo {profile}, seed {seed}")
+
+
+def from_files(
+    if_prompts: str | Path | None = None,
+    knowledge_text: str | Path | None = None,
+    knowledge_qa: str | Path | None = None,
+    max_new_tokens: int = 64,
+) -> Probes:
+    """The CLI's probes: ``if_prompts`` (default: the offline-if prompts) and exactly one knowledge file."""
+    if (knowledge_text is None) == (knowledge_qa is None):
+        raise ConfigError(
+            "give one knowledge probe: --knowledge-text FILE (held-out text of the CPT corpus, scored by mean "
+            "log-likelihood) or --knowledge-qa FILE (JSONL of prompt/answer pairs, scored by exact completion)"
+        )
+    prompts = load_if_prompts(if_prompts) if if_prompts is not None else offline_if_prompts()
+    name = f"{Path(if_prompts).name if if_prompts else 'offline-if'} + {Path(knowledge_text or knowledge_qa).name}"
+    if knowledge_qa is not None:
+        return Probes(prompts, qa=load_qa(knowledge_qa), max_new_tokens=max_new_tokens, name=name)
+    return Probes(prompts, texts=load_texts(knowledge_text), max_new_tokens=max_new_tokens, name=name)

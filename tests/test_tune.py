@@ -1,0 +1,255 @@
+"""``hf-residual tune`` on the demo's tiny family (real models trained here): the choice is never worse than
+alpha = 1, ``port --recipe`` reproduces a tuned candidate bit for bit, the cache and resume work, and bad
+probe files are refused with the line and the fix."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from hf_residual.cli import main
+from hf_residual.demo import run_demo
+from hf_residual.errors import ConfigError, InputNotFoundError
+from hf_residual.tune import (
+    Probes,
+    QAPair,
+    demo_probes,
+    load_if_prompts,
+    load_qa,
+    report,
+    scoring,
+    space,
+    tune,
+)
+from hf_residual.tune.search import candidate_of
+from tests.helpers import load_tensors, matches, reference_port
+
+BUDGET = 4
+
+LLAMA = [
+    "model.embed_tokens.weight",
+    "lm_head.weight",
+    "model.norm.weight",
+    *[
+        f"model.layers.{i}.{part}.weight"
+        for i in range(6)
+        for part in ("self_attn.q_proj", "mlp.up_proj", "input_layernorm")
+    ],
+]
+
+
+def _alpha_of(name: str, entries: tuple, alpha: float) -> float:
+    """The alpha a tensor gets from ``alpha_for`` entries: the first regex that re.search-es its name."""
+    return next((value for pattern, value in entries if re.search(pattern, name)), alpha)
+
+
+def test_alpha_for_entries_give_each_tensor_alpha_times_its_module_and_band_factors():
+    sp = space.space_for(LLAMA)
+    assert sp.modules == ("embed", "attn", "mlp") and sp.bands == {
+        "early": (0, 1),
+        "middle": (2, 3),
+        "late": (4, 5),
+    }
+    factors = {"embed": 0.5, "attn": 1.2, "mlp": 0.8, "early": 0.6, "middle": 1.0, "late": 1.4}
+    entries = space.alpha_for(1.1, factors, sp.bands)
+    band = {i: b for b, layers in sp.bands.items() for i in layers}
+    for name in LLAMA:
+        expected = 1.1
+        if "embed_tokens" in name or "lm_head" in name:
+            expected *= 0.5
+        if m := re.search(r"layers\.(\d+)\.", name):
+            expected *= factors[band[int(m.group(1))]]
+            expected *= 1.2 if "self_attn" in name else 0.8 if "mlp" in name else 1.0
+        assert _alpha_of(name, entries, 1.1) == pytest.approx(expected, abs=1e-9), name
+    # all factors 1: no entries; module factors only: one entry per module, not one per band
+    assert space.alpha_for(1.3, dict.fromkeys(factors, 1.0), sp.bands) == ()
+    only = space.alpha_for(1.0, {"attn": 0.5, "early": 1.0, "middle": 1.0, "late": 1.0}, sp.bands)
+    assert only == ((space.MODULES["attn"], 0.5),)
+
+
+def test_groups_that_match_no_tensor_are_not_searched():
+    sp = space.space_for(["transformer.h.0.attn.c_attn.weight", "transformer.wte.weight"])
+    assert sp.modules == () and sp.bands == {}
+    with pytest.raises(ConfigError, match="unknown search dimension"):
+        space.space_for(LLAMA, ("alpha", "heads"))
+
+
+def _rec(if_: float, know: float) -> dict:
+    return {"if": if_, "knowledge": know}
+
+
+def test_choice_takes_only_points_dominating_alpha_1_else_alpha_1():
+    ref = _rec(0.6, 0.5)
+    more_if, more_know, both, worse = _rec(0.9, 0.5), _rec(0.6, 0.7), _rec(0.7, 0.6), _rec(1.0, 0.1)
+    records = [ref, more_if, more_know, both, worse]
+    assert report.pareto_front(records) == [worse, more_if, both, more_know]
+    # spreads 0.9 (IF) and 0.6 (knowledge): gains 0.33, 0.33, 0.11 + 0.17
+    assert report.choose(records, ref, "if") is more_if
+    assert report.choose(records, ref, "knowledge") is more_know
+    assert report.choose([ref, worse, _rec(0.5, 0.9)], ref) is ref
+    assert report.choose([ref, _rec(0.6, 0.5)], ref) is ref  # equal scores do not dominate
+    with pytest.raises(ConfigError, match="balanced, if, knowledge"):
+        report.choose(records, ref, "speed")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"prompt": "Hi"}', "needs 'prompt'"),
+        ('{"prompt": "Hi", "instructions": [{"id": "shout"}]}', "unknown instruction"),
+        ('{"prompt": "Hi", "instructions": [{"id": "max_words"}]}', "wrong arguments"),
+        ('{"prompt": "Hi", "instructions": []}', "is empty"),
+    ],
+)
+def test_bad_instruction_prompt_files_name_the_line_and_the_fix(tmp_path, line, message):
+    path = tmp_path / "if.jsonl"
+    path.write_text('{"prompt": "Say hi.", "instructions": [{"id": "lowercase"}]}\n' + line + "\n")
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        load_if_prompts(path)
+    assert f"{path}:2" in str(error.value)
+
+
+def test_bad_knowledge_files_and_missing_probes_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(InputNotFoundError, match="does not exist"):
+        load_qa(tmp_path / "missing.jsonl")
+    (tmp_path / "qa.jsonl").write_text('{"prompt": "X lives in", "answer": ""}\n')
+    with pytest.raises(ConfigError, match="qa.jsonl:1: .*non-empty 'answer'"):
+        load_qa(tmp_path / "qa.jsonl")
+    with pytest.raises(ConfigError, match="exactly one knowledge probe"):
+        Probes(demo_probes("tiny").if_prompts)
+    args = ["tune", "inst", "--base", "b", "--target", "t", "-o", str(tmp_path / "out")]
+    assert main(args) != 0
+    assert "--knowledge-text FILE" in capsys.readouterr().err
+    assert main([*args, "--knowledge-qa", str(tmp_path / "qa.jsonl")]) != 0
+    assert "non-empty 'answer'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    demo = run_demo(tmp_path_factory.mktemp("tune") / "demo", profile="tiny", seed=0, log=lambda _: None)
+    models = demo.output / "models"
+    rows = {r["model"]: r for r in demo.rows}
+    return {
+        "instruct": models / "instruct",
+        "base": models / "base",
+        "target": models / "cpt-base-S",
+        "rows": rows,
+    }
+
+
+@pytest.fixture(scope="module")
+def tuned(family, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tune") / "out"
+    result = tune(
+        family["instruct"],
+        family["base"],
+        family["target"],
+        probes=demo_probes("tiny", 0),
+        budget=BUDGET,
+        output=out,
+        progress=False,
+        log=lambda _: None,
+    )
+    return result
+
+
+def test_alpha_1_is_first_and_scored_as_the_demo_scores_its_port(tuned, family):
+    """The demo's own evaluation of its alpha = 1 port (measured 0.69 IF, 0.21 B-knowledge) is tune's reference."""
+    assert tuned.candidates[0] is tuned.reference
+    assert candidate_of(tuned.reference).is_default
+    ported = family["rows"]["ported-S"]
+    assert tuned.reference["if"] == ported["if_strict"]
+    assert tuned.reference["knowledge"] == ported["know_b"]
+    assert tuned.references["instruct"]["if"] == family["rows"]["instruct"]["if_strict"]
+    assert tuned.references["target"]["knowledge"] == family["rows"]["cpt-base-S"]["know_b"]
+    assert tuned.evaluated == BUDGET and len(tuned.candidates) == BUDGET
+    assert len({json.dumps(r["candidate"]) for r in tuned.candidates}) > 1
+
+
+def test_port_recipe_reproduces_the_chosen_candidate_no_worse_than_alpha_1(tuned, family, tmp_path):
+    """The chosen recipe, ported again by ``port --recipe`` and scored again, is no worse on either probe
+    than the demo's own alpha = 1 port as the demo evaluates it."""
+    recipe = tuned.output / "recipe.yaml"
+    args = ["port", str(family["instruct"]), "--to", str(family["target"]), "--base", str(family["base"])]
+    assert main([*args, "--recipe", str(recipe), "-o", str(tmp_path / "chosen"), "-q"]) == 0
+    chosen = scoring.score(tmp_path / "chosen", demo_probes("tiny", 0))
+    assert (chosen["if"], chosen["knowledge"]) == (tuned.chosen["if"], tuned.chosen["knowledge"])
+    alpha1 = family["rows"]["ported-S"]
+    assert chosen["if"] >= alpha1["if_strict"] and chosen["knowledge"] >= alpha1["know_b"]
+    files = json.loads((tuned.output / "pareto.json").read_text())
+    assert files["chosen"]["key"] == tuned.chosen["key"] and files["front"]
+    assert "α = 1 (the paper)" in (tuned.output / "pareto.md").read_text()
+    assert (tuned.output / "pareto.png").stat().st_size > 5000
+
+
+def test_port_recipe_reproduces_every_tuned_candidate_bit_for_bit(tuned, family, tmp_path):
+    """Each candidate's recipe through the CLI equals the API port with the candidate's settings; one with
+    per-group alpha equals the independent float32 reference T + alpha_tensor * (I - B)."""
+    from hf_residual.ops.port import port
+    from hf_residual.tune.search import recipe_of
+
+    probes = demo_probes("tiny", 0)
+    for record in [r for r in tuned.candidates if not candidate_of(r).is_default][:2]:
+        path = recipe_of(record, tuned.reference, probes, "balanced").save(tmp_path / "r.yaml")
+        shutil.rmtree(tmp_path / "cli", ignore_errors=True)
+        args = ["port", str(family["instruct"]), "--to", str(family["target"]), "--base", str(family["base"])]
+        assert main([*args, "--recipe", str(path), "-o", str(tmp_path / "cli"), "-q"]) == 0
+        api = port(
+            family["instruct"],
+            family["target"],
+            tmp_path / "api",
+            base=family["base"],
+            overwrite=True,
+            progress=False,
+            **candidate_of(record).port_kwargs(),
+        )
+        assert matches(tmp_path / "cli", load_tensors(api.output)), record["candidate"]
+    entries = space.alpha_for(0.9, {"embed": 0.5, "attn": 1.3, "early": 0.7}, {"early": (0,), "late": (1,)})
+    recipe = recipe_of(
+        {
+            "candidate": {"alpha": 0.9, "alpha_for": entries, "method": "task_arithmetic"},
+            "if": 0,
+            "knowledge": 0,
+        },
+        tuned.reference,
+        probes,
+        "balanced",
+    )
+    out = port(
+        family["instruct"],
+        family["target"],
+        tmp_path / "groups",
+        base=family["base"],
+        progress=False,
+        **recipe.port_kwargs(),
+    )
+    t, i, b = (load_tensors(family[k]) for k in ("target", "instruct", "base"))
+    expected = {n: reference_port(t[n], i[n], b[n], _alpha_of(n, entries, 0.9)) for n in t}
+    assert matches(out.output, expected)
+    assert len({_alpha_of(n, entries, 0.9) for n in t}) >= 4
+
+
+def test_rerun_evaluates_nothing_and_resume_continues_the_same_search(tuned, family, tmp_path):
+    kwargs = dict(probes=demo_probes("tiny", 0), progress=False, log=lambda _: None)
+    models = (family["instruct"], family["base"], family["target"])
+    again = tune(*models, budget=BUDGET, output=tuned.output, **kwargs)
+    assert (again.evaluated, again.reused) == (0, BUDGET)
+    assert [r["key"] for r in again.candidates] == [r["key"] for r in tuned.candidates]
+    assert again.chosen["key"] == tuned.chosen["key"]
+    # A run killed after 3 candidates (its last line cut off) resumes: 1 evaluated, the same 4 candidates.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    lines = (tuned.output / "cache.jsonl").read_text().splitlines()
+    (resumed / "cache.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
+    result = tune(*models, budget=BUDGET, output=resumed, references=False, **kwargs)
+    assert (result.evaluated, result.reused) == (1, 3)
+    assert [r["key"] for r in result.candidates] == [r["key"] for r in tuned.candidates]
+    assert [r["if"] for r in result.candidates] == [r["if"] for r in tuned.candidates]
+    # different probes are another cache key: nothing reused
+    other = Probes(kwargs["probes"].if_prompts[:8], qa=(QAPair("The bridge stands by the hill.", " The"),))
+    fresh = tune(*models, budget=1, output=resumed, references=False, probes=other, progress=False, log=print)
+    assert (fresh.evaluated, fresh.reused) == (1, 0)
