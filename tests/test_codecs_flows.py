@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from hf_residual import api
 from hf_residual.cli import main
 from hf_residual.codecs.folders import decoded_tensors
-from hf_residual.errors import ConfigError, ManifestError
+from hf_residual.errors import ConfigError, ManifestError, VerificationError
 
 
 @pytest.fixture(scope="module")
@@ -125,15 +125,22 @@ def test_rank_larger_than_a_matrix_fails_before_any_output(llama, tmp_path):
 
 
 def test_a_damaged_compressed_residual_is_refused(llama, lowrank, tmp_path):
+    """An older residual (no part digests): the digest of the decoded tensor is checked instead."""
     import shutil
 
     copy = tmp_path / "damaged"
     shutil.copytree(lowrank, copy)
     manifest = json.loads((copy / "residual.json").read_text())
+    for entry in manifest["tensors"].values():
+        entry["codec"].pop("part_sha256", None)
+        entry["codec"].pop("stored_sha256", None)
+    (copy / "residual.json").write_text(json.dumps(manifest))
+    api.apply(copy, llama.cpt, tmp_path / "old", progress=False)  # the legacy digests hold
     manifest["tensors"]["model.layers.0.mlp.up_proj.weight"]["sha256"] = "0" * 64
     (copy / "residual.json").write_text(json.dumps(manifest))
-    with pytest.raises(ManifestError, match="checksum differs"):
+    with pytest.raises(VerificationError, match="checksum differs"):
         api.apply(copy, llama.cpt, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_codec_parameter_from_a_later_version_names_the_version_needed(llama, lowrank, tmp_path):

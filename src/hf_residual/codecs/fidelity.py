@@ -84,32 +84,26 @@ def _encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return ids
 
 
-def probe_kl(
-    instruct: Path, dense: Path, decoded: Iterable[tuple[str, np.ndarray]], prompts: list[str]
-) -> dict:
+def probe_kl(instruct: Path, deltas: Iterable[tuple[str, np.ndarray]], prompts: list[str]) -> dict:
     """Mean KL between the instruct model and base + decoded residual (``I + decode(R) - R``).
 
-    ``decoded``: the encoded residual's tensors, decoded (``folders.decoded_tensors``), one at a time.
+    ``deltas``: ``(name, decode(R) - R)`` per residual tensor, one at a time (``folders._probe_deltas``
+    computes them from the model files and the encoded residual: no float32 residual on disk).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_residual.codecs.store import read_tensor
-    from hf_residual.core.checkpoint import open_checkpoint
-
-    tokenizer = AutoTokenizer.from_pretrained(dense)
+    tokenizer = AutoTokenizer.from_pretrained(instruct)
     exact_model = AutoModelForCausalLM.from_pretrained(instruct, dtype=torch.float32).eval()
     lossy_model = AutoModelForCausalLM.from_pretrained(instruct, dtype=torch.float32).eval()
     params = dict(lossy_model.named_parameters())
-    exact_tensors = open_checkpoint(dense, prefix="residual").tensors
     unmatched = []
     with torch.no_grad():
-        for name, approx in decoded:
+        for name, delta in deltas:
             if name not in params:
                 unmatched.append(name)
                 continue
-            exact = read_tensor(exact_tensors[name])
-            params[name].add_(torch.from_numpy(approx - exact).reshape(params[name].shape))
+            params[name].add_(torch.from_numpy(delta).reshape(params[name].shape))
     if unmatched:
         raise ConfigError(
             f"--probe: residual tensors not found among the model's parameters ({', '.join(unmatched[:3])}); "

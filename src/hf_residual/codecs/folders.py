@@ -1,26 +1,26 @@
-"""Encode a float32 residual folder with a codec, and decode a compressed one back, tensor by tensor.
+"""Encode an exact residual with a codec, tensor by tensor; decode a compressed one (explicit export).
 
-Both directions hold one tensor in memory at a time. A decoded folder has the layout of a float32
-residual (``residual*.safetensors`` + ``residual.json`` with codec float32), which the engine consumes.
+Encoding takes the exact float32 residual one tensor at a time (``exact.exact_tensors``, computed from
+the model files: no float32 folder), writes each tensor's parts with a sha256 per part, and measures
+fidelity. ``apply``/``port`` never decode to disk: they read compressed residuals in the stream
+(``stream``); ``decoded_tensors``/``decode_folder`` remain for the probe, tests and an explicit export.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from hf_residual._version import __version__
-from hf_residual.codecs import fidelity, peft_adapter, registry
+from hf_residual.codecs import fidelity, peft_adapter, stream
 from hf_residual.codecs.base import Codec
-from hf_residual.codecs.store import ShardWriter, as_stored, read_tensor, round_bf16, to_bf16_bits
-from hf_residual.core.checkpoint import open_checkpoint
+from hf_residual.codecs.store import ShardWriter, as_stored, from_bf16_bits, read_tensor, to_bf16_bits
+from hf_residual.codecs.stream import sha256_of
+from hf_residual.core.checkpoint import Checkpoint, open_checkpoint
+from hf_residual.core.jobs import is_decoded
 from hf_residual.core.manifest import (
     CODECS,
     MANIFEST_NAME,
@@ -30,7 +30,8 @@ from hf_residual.core.manifest import (
     read_manifest,
 )
 from hf_residual.core.output import staged_output
-from hf_residual.errors import ManifestError
+from hf_residual.core.writer import Files
+from hf_residual.errors import ManifestError, VerificationError
 
 _WEIGHT_FILES = (MANIFEST_NAME, "README.md", peft_adapter.CONFIG_NAME, peft_adapter.WEIGHTS_NAME)
 
@@ -48,31 +49,32 @@ def _copy_extras(source: Path, destination: Path, skip_readme: bool) -> None:
         shutil.copy2(source / "README.md", destination / "README.md")
 
 
-def _sha256(values: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(values, np.float32).tobytes()).hexdigest()
-
-
-def encode_folder(dense: Path, out: Path, codec: Codec, max_shard_bytes: int) -> Manifest:
-    """Encode the float32 residual in ``dense`` into ``out`` (an empty folder); return the new manifest.
-
-    Checks every matrix shape first (e.g. a rank larger than a matrix) so a bad spec fails before any work.
-    """
-    manifest = read_manifest(dense)
-    if manifest.codec != "float32":
-        raise ManifestError(f"{dense}: encoding needs a float32 residual, this one is {manifest.codec}")
+def check_shapes(codec: Codec, manifest: Manifest) -> None:
+    """Every matrix's shape against the codec (e.g. a rank larger than a matrix), before any work."""
     for name, entry in manifest.tensors.items():
         if codec.compresses(name, tuple(entry.shape), entry.absolute_rows_from):
             codec.check_shape(name, tuple(entry.shape))
-    tensors = open_checkpoint(dense, prefix=WEIGHTS_PREFIX).tensors
+
+
+def encode_tensors(
+    exact: Iterable[tuple[str, np.ndarray]], manifest: Manifest, out: Path, codec: Codec, max_shard_bytes: int
+) -> Manifest:
+    """Encode the exact float32 residual, given one tensor at a time, into ``out``; return its manifest.
+
+    ``manifest``: the exact residual's (shapes, norms, samples); ``exact`` yields its tensors by name.
+    Each stored part's sha256 is recorded (``part_sha256``; a dense tensor's ``stored_sha256``) for the
+    stream readers to check (``stream``); ``sha256`` stays the digest of the decoded float32 tensor as
+    versions before 0.x computed it, so they can still read the residual.
+    """
+    check_shapes(codec, manifest)
     writer = ShardWriter(out, WEIGHTS_PREFIX, max_shard_bytes)
     entries: dict[str, TensorEntry] = {}
     errors = fidelity.ErrorSummary()
-    for name in sorted(manifest.tensors):
+    for name, values in exact:
         entry = manifest.tensors[name]
-        exact = read_tensor(tensors[name])
         encoded = (
-            codec.encode(name, exact)
-            if codec.compresses(name, exact.shape, entry.absolute_rows_from)
+            codec.encode(name, values)
+            if codec.compresses(name, values.shape, entry.absolute_rows_from)
             else None
         )
         if encoded is not None:
@@ -80,16 +82,25 @@ def encode_folder(dense: Path, out: Path, codec: Codec, max_shard_bytes: int) ->
             for part, (dtype, arr) in stored.items():
                 writer.add(f"{name}.{part}", dtype, arr)
             back = {part: _read_back(dtype, arr) for part, (dtype, arr) in stored.items()}
-            approx = codec.decode(exact.shape, back, encoded.params)
-            info = {"kind": codec.name, "parts": sorted(stored), **encoded.params}
+            approx = codec.decode(values.shape, back, encoded.params)
+            legacy = codec.legacy_decode(values.shape, back, encoded.params, approx)
+            info = {
+                "kind": codec.name,
+                "parts": sorted(stored),
+                **encoded.params,
+                "part_sha256": {part: sha256_of(arr) for part, (_, arr) in sorted(stored.items())},
+            }
         else:  # not encoded (embedding, norm, 1-D), or its encoding would not be smaller than bfloat16
-            writer.add(name, "BF16", to_bf16_bits(exact))
-            approx = round_bf16(exact)
-            info = {"kind": "dense", "parts": [], "dtype": "BF16"}
-        errors.add(name, exact, approx)
-        entries[name] = dataclasses.replace(entry, dtype="F32", sha256=_sha256(approx), codec=info)
-        del exact, approx
+            bits = to_bf16_bits(values)
+            writer.add(name, "BF16", bits)
+            approx = legacy = from_bf16_bits(bits)
+            info = {"kind": "dense", "parts": [], "dtype": "BF16", "stored_sha256": sha256_of(bits)}
+        errors.add(name, values, approx)
+        entries[name] = dataclasses.replace(entry, dtype="F32", sha256=sha256_of(legacy), codec=info)
+        del values, approx, legacy
     writer.close()
+    if entries.keys() != manifest.tensors.keys():  # pragma: no cover - the caller yields every tensor
+        raise RuntimeError("encoding did not see every tensor of the residual")
     result = dataclasses.replace(
         manifest,
         codec=codec.name,
@@ -102,6 +113,18 @@ def encode_folder(dense: Path, out: Path, codec: Codec, max_shard_bytes: int) ->
     if codec.name == "lowrank":
         written = open_checkpoint(out, prefix=WEIGHTS_PREFIX).tensors
         result.codec_params["peft_adapter"] = peft_adapter.write(out, result, written)
+    return result
+
+
+def encode_folder(dense: Path, out: Path, codec: Codec, max_shard_bytes: int) -> Manifest:
+    """Encode the float32 residual folder ``dense`` into ``out`` (an empty folder); return the new manifest."""
+    manifest = read_manifest(dense)
+    if manifest.codec != "float32":
+        raise ManifestError(f"{dense}: encoding needs a float32 residual, this one is {manifest.codec}")
+    check_shapes(codec, manifest)
+    tensors = open_checkpoint(dense, prefix=WEIGHTS_PREFIX).tensors
+    exact = ((name, read_tensor(tensors[name])) for name in sorted(manifest.tensors))
+    result = encode_tensors(exact, manifest, out, codec, max_shard_bytes)
     _copy_extras(dense, out, skip_readme=True)
     result.write(out)
     return result
@@ -109,8 +132,6 @@ def encode_folder(dense: Path, out: Path, codec: Codec, max_shard_bytes: int) ->
 
 def _read_back(dtype: str, stored: np.ndarray) -> np.ndarray:
     """The part as a reader sees it (bfloat16 parts widened to float32)."""
-    from hf_residual.codecs.store import from_bf16_bits
-
     return from_bf16_bits(stored) if dtype == "BF16" else stored
 
 
@@ -118,38 +139,45 @@ def is_compressed(folder: Path) -> bool:
     return read_manifest(folder).codec not in CODECS
 
 
-def decoded_tensors(folder: Path, manifest: Manifest | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(name, float32 residual)`` of a compressed residual folder, one tensor at a time."""
-    manifest = manifest or read_manifest(folder)
-    codec = registry.from_manifest(manifest.codec_params, manifest.tool_version)
-    tensors = open_checkpoint(folder, prefix=WEIGHTS_PREFIX).tensors
-    for name in sorted(manifest.tensors):
-        entry = manifest.tensors[name]
-        info = entry.codec or {}
-        if info.get("kind") not in ("dense", codec.name):
-            raise ManifestError(
-                f"{folder}: tensor {name!r} is stored as {info.get('kind')!r}, unknown to hf-residual "
-                f"{__version__}; it was written by hf-residual {manifest.tool_version}: upgrade to at least "
-                "that version"
-            )
-        if info.get("kind") == "dense":
-            values = read_tensor(tensors[name])
-        else:
-            parts = {part: read_tensor(tensors[f"{name}.{part}"]) for part in info.get("parts", [])}
-            values = codec.decode(tuple(entry.shape), parts, info)
-        if entry.sha256 and _sha256(values) != entry.sha256:
-            raise ManifestError(
-                f"{folder}: tensor {name!r} decodes to values other than those recorded when it was encoded "
-                "(checksum differs): the files are damaged; download the residual again"
-            )
-        yield name, values
+def decoded_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(name, float32 residual)`` of a compressed residual folder, one tensor at a time.
+
+    The values ``apply`` adds, read by the same block readers (``stream``) over the whole tensor, with the
+    same checks: a damaged part raises ``VerificationError``.
+    """
+    manifest, checkpoint = stream.open_residual(folder)
+    files = Files()
+    try:
+        for name in sorted(manifest.tensors):
+            yield name, _decode_one(manifest, checkpoint, name, files)
+    finally:
+        files.close()
+
+
+def _decode_one(manifest: Manifest, checkpoint: Checkpoint, name: str, files: Files) -> np.ndarray:
+    info = checkpoint.tensors[name]
+    if is_decoded(info):
+        values = np.empty(info.numel, np.float32)
+        reader = info.decoder.open(files.fd)
+        reader.read(0, info.numel, values)
+        reader.finish()
+        return values.reshape(info.shape)
+    values = read_tensor(info)
+    stored = to_bf16_bits(values) if info.dtype == "BF16" else values
+    if sha256_of(stored) != manifest.tensors[name].sha256:
+        raise VerificationError(
+            f"{checkpoint.path}: tensor {name!r} does not match the sha256 recorded for it in the manifest: "
+            f"the residual is damaged. {stream.FIX}"
+        )
+    return values
 
 
 def decode_folder(folder: Path, out: Path, max_shard_bytes: int = 5 * 10**9) -> Manifest:
-    """Write the float32 residual of a compressed residual folder into ``out``."""
+    """Write the float32 residual of a compressed residual folder into ``out`` (an explicit export:
+    ``apply`` and ``port`` read compressed residuals in the stream and never call this)."""
     manifest = read_manifest(folder)
     writer = ShardWriter(out, WEIGHTS_PREFIX, max_shard_bytes)
-    for name, values in decoded_tensors(folder, manifest):
+    for name, values in decoded_tensors(folder):
         writer.add(name, "F32", values)
     writer.close()
     dense = dataclasses.replace(
@@ -161,22 +189,6 @@ def decode_folder(folder: Path, out: Path, max_shard_bytes: int = 5 * 10**9) -> 
     _copy_extras(folder, out, skip_readme=False)
     dense.write(out)
     return dense
-
-
-@contextmanager
-def decoded(folder: Path, near: Path | None = None) -> Iterator[Path]:
-    """``folder`` itself for a dense residual; for a compressed one, a temporary decoded copy.
-
-    ``near``: an existing folder to decode into (the output's parent: the float32 copy is large and the
-    system's temporary directory may be small); else the system's temporary directory.
-    """
-    if not is_compressed(folder):
-        yield folder
-        return
-    place = near if near is not None and near.is_dir() else None
-    with tempfile.TemporaryDirectory(prefix=".hf-residual-decoded-", dir=place) as tmp:
-        decode_folder(folder, Path(tmp))
-        yield Path(tmp)
 
 
 def _fidelity_text(manifest: Manifest) -> str:
@@ -197,27 +209,47 @@ def _fidelity_text(manifest: Manifest) -> str:
 
 
 def encode_into(
-    dense: Path,
+    exact: Callable[[], Iterator[tuple[str, np.ndarray]]],
+    manifest: Manifest,
     output: Path,
     codec: Codec,
     *,
     overwrite: bool,
     max_shard_bytes: int,
+    finish: Callable[[Path], None],
     render_card: Callable[[Manifest], str],
     probe: bool | str | None = None,
     instruct: Path | None = None,
 ) -> Manifest:
-    """Encode ``dense`` into ``output`` (staged, renamed when complete), with fidelity and a card.
+    """Encode the exact residual into ``output`` (staged, renamed when complete), with fidelity and a card.
 
-    ``probe``: True for the built-in prompts, or a prompt file; needs ``instruct`` (the instruct model).
+    ``exact()``: a fresh iterator over the exact float32 residual's tensors (``exact.exact_tensors``),
+    called once to encode and once more for the probe: no float32 copy is written. ``manifest``: the
+    exact residual's. ``finish(staging)`` copies the tokenizer and configs. ``probe``: True for the
+    built-in prompts, or a prompt file; needs ``instruct`` (the instruct model).
     """
+    check_shapes(codec, manifest)  # before any work or any folder
     prompts = fidelity.read_prompts(None if probe is True else probe) if probe else None
-    exact_bytes = sum(p.stat().st_size for p in dense.glob(f"{WEIGHTS_PREFIX}*.safetensors"))
-    with staged_output(output, overwrite=overwrite, required_bytes=exact_bytes) as staging:
-        manifest = encode_folder(dense, staging, codec, max_shard_bytes)
-        if prompts is not None:
-            manifest.fidelity["probe"] = fidelity.probe_kl(instruct, dense, decoded_tensors(staging), prompts)
-        manifest.note += _fidelity_text(manifest)
-        manifest.write(staging)
-        (staging / "README.md").write_text(render_card(manifest))
-    return manifest
+    bf16_bytes = sum(2 * int(np.prod(entry.shape)) for entry in manifest.tensors.values())
+    with staged_output(output, overwrite=overwrite, required_bytes=bf16_bytes) as staging:
+        result = encode_tensors(exact(), manifest, staging, codec, max_shard_bytes)
+        finish(staging)
+        result.write(staging)  # the stream readers of the probe read the manifest
+        if prompts is not None:  # the exact residual computed again, beside the decoded one
+            deltas = _probe_deltas(exact(), staging)
+            result.fidelity["probe"] = fidelity.probe_kl(instruct, deltas, prompts)
+        result.note += _fidelity_text(result)
+        result.write(staging)
+        (staging / "README.md").write_text(render_card(result))
+    return result
+
+
+def _probe_deltas(exact: Iterable[tuple[str, np.ndarray]], encoded: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """``decode(encode(R)) - R`` per tensor: the exact values computed again, the encoded ones decoded."""
+    manifest, checkpoint = stream.open_residual(encoded)
+    files = Files()
+    try:
+        for name, values in exact:
+            yield name, _decode_one(manifest, checkpoint, name, files) - values
+    finally:
+        files.close()

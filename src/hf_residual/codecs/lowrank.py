@@ -14,6 +14,16 @@ from hf_residual.codecs.base import Codec, Encoded, storage_dtype, to_float, to_
 from hf_residual.errors import ConfigError
 
 
+def product(b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """``B @ A`` accumulated in float64, rounded once to float32: how lowrank residuals decode.
+
+    Products of bfloat16 factors are exact in float64 and so are their sums over the rank (unless terms
+    differ by more than about 2^30), so the float32 result is the correctly rounded exact product,
+    whatever rows a BLAS call covers: decoding a block of rows gives the bits the whole matrix gives.
+    """
+    return np.matmul(b.astype(np.float64, copy=False), a.astype(np.float64, copy=False)).astype(np.float32)
+
+
 class LowRank(Codec):
     name = "lowrank"
 
@@ -64,6 +74,12 @@ class LowRank(Codec):
         return Encoded({"lora_A": (self.dtype, a), "lora_B": (self.dtype, b)}, params)
 
     def decode(self, shape: tuple[int, ...], parts: dict[str, np.ndarray], params: dict) -> np.ndarray:
+        return product(parts["lora_B"], parts["lora_A"]).reshape(shape)
+
+    def legacy_decode(
+        self, shape: tuple[int, ...], parts: dict[str, np.ndarray], params: dict, decoded: np.ndarray
+    ) -> np.ndarray:
+        """Older versions decoded (and hashed) one float32 matrix product ``B @ A``."""
         return (parts["lora_B"] @ parts["lora_A"]).astype(np.float32, copy=False).reshape(shape)
 
     def describe(self) -> dict:

@@ -1,7 +1,7 @@
 """``apply``: ``target + alpha * residual`` as a complete transformers model folder.
 
-A compressed residual (lossy codec) is checked against the target from its manifest alone, decoded to a
-temporary float32 residual beside the output, and that is applied like any dense residual. A target saved
+A compressed residual (lossy codec) is read in the stream: each encoded tensor is decoded a block at a
+time by its codec's reader (``codecs.stream``), with no decoded copy on disk. A target saved
 sharded across processes (FSDP ``SHARDED_STATE_DICT``, DeepSpeed ZeRO) is consolidated first
 (``core.sharded``).
 """
@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hf_residual.codecs import folders as codec_folders
+from hf_residual.codecs import stream as codec_stream
 from hf_residual.core import assets, engine, fp8, names, plans, vocab
 from hf_residual.core.checkpoint import open_checkpoint
-from hf_residual.core.manifest import WEIGHTS_PREFIX, Manifest, read_manifest
 from hf_residual.core.output import check_destination, staged_output
 from hf_residual.core.sharded import consolidate
 from hf_residual.errors import ConfigError, IncompatibleModelsError
@@ -90,21 +89,16 @@ def apply_residual(
     check_destination(output.absolute(), overwrite=options.overwrite)
     residual_model = resolve(residual, revisions[0], role="residual", token=publish.token)
     target_model = resolve(to, revisions[1], role="target model", token=publish.token)
-    if not codec_folders.is_compressed(residual_model.path):
-        return _apply_dense(residual_model.path, target_model, output, alpha, options)
-    # a lossy codec: the target checked from the manifest first, then its float32 decoding applied
-    _check_target_of_residual(read_manifest(residual_model.path), target_model, options.force)
-    with codec_folders.decoded(residual_model.path, output.absolute().parent) as dense:
-        return _apply_dense(dense, target_model, output, alpha, options)
+    return _apply_dense(residual_model.path, target_model, output, alpha, options)
 
 
 def _apply_dense(
     residual: Path, target_model: ResolvedModel, output: Path, alpha: float, options: Options
 ) -> Result:
-    """``target + alpha * residual`` for a dense (float32 or bfloat16) residual folder on disk."""
+    """``target + alpha * residual`` for a residual folder: dense, or compressed (decoded in the stream)."""
     publish, overwrite = options.publish, options.overwrite
-    manifest = read_manifest(residual)
-    r_ckpt = open_checkpoint(residual, prefix=WEIGHTS_PREFIX)
+    manifest, r_ckpt = codec_stream.open_residual(residual)  # compressed: tensors with block decoders
+    checksums = codec_stream.checksums(manifest, r_ckpt)
     t_ckpt = open_checkpoint(target_model.path)
     t_names = names.align_target(t_ckpt, set(manifest.tensors))  # a wrapper: its prefix mapped
     t_full, t_ckpt = t_ckpt, t_names.view  # the target under the residual's names from here on
@@ -129,8 +123,8 @@ def _apply_dense(
         base_tokens=manifest.base_tokens,
         vocab_from=options.vocab_from,
     )
-    jobs = plans.apply_jobs(r_ckpt, rows, t_ckpt, alpha, manifest.checksums)
-    jobs = vplan.apply_jobs(jobs, r_ckpt, t_ckpt, alpha, manifest.checksums)
+    jobs = plans.apply_jobs(r_ckpt, rows, t_ckpt, alpha, checksums)
+    jobs = vplan.apply_jobs(jobs, r_ckpt, t_ckpt, alpha, checksums)
     base_ckpt = _method_base(options, base_shapes)
     jobs, merged = options.merge.plan(jobs, list(r_ckpt.tensors), alpha, base_ckpt)
     jobs = common.output_jobs(jobs, t_full, t_names, options.keep_fp8)
@@ -145,7 +139,7 @@ def _apply_dense(
             instruct=manifest.instruct,
             base=manifest.base,
             alpha=alpha,
-            codec=manifest.codec_params.get("spec", manifest.codec),  # a lossy codec's spec once decoded
+            codec=manifest.codec_params.get("spec", manifest.codec),  # a lossy codec's spec
             distance=distance,
             model_ref=publish.card_ref("PATH_OR_REPO_OF_THIS_MODEL"),
             license=common.license_of(residual, target_model.path),
@@ -165,22 +159,6 @@ def _apply_dense(
         instruct=manifest.instruct, base=manifest.base, target=target_model
     )
     return Result(output, len(jobs), engine.total_bytes(shards), details)
-
-
-def _check_target_of_residual(manifest: Manifest, target_model: ResolvedModel, force: bool) -> None:
-    """Target checks from the manifest alone: run before decoding a compressed residual (slow, large)."""
-    rows = manifest.absolute_rows_from
-    shapes = {
-        name: tuple(entry.shape) if rows.get(name) is None else (rows[name], *entry.shape[1:])
-        for name, entry in manifest.tensors.items()
-    }
-    target = open_checkpoint(target_model.path)
-    target = names.align_target(target, set(manifest.tensors)).view
-    plans.check_target(
-        target, vocab.prepare(shapes, manifest.base_vocab_size, target).shapes, manifest.model_type
-    )
-    checks.check_descendant(target, {n: e.base_sample for n, e in manifest.tensors.items()}, force, shapes)
-    checks.check_manifest_residual(manifest, force)
 
 
 def _method_base(options: Options, base_shapes: dict[str, tuple]):

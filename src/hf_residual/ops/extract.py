@@ -1,16 +1,15 @@
 """``extract``: the residual ``instruct - base`` as a residual folder (weights, manifest, tokenizer, card).
 
 The exact path streams ``instruct - base`` through the engine in float32 or bfloat16; a lossy codec
-(``codec="lowrank:64"``...) writes the exact float32 residual to a temporary folder beside the output,
-then encodes it (``codecs.folders``).
+(``codec="lowrank:64"``...) computes the exact float32 residual one tensor at a time from the model files
+(``codecs.exact``) and encodes it (``codecs.folders``): no temporary float32 folder.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import tempfile
 from pathlib import Path
 
+from hf_residual.codecs import exact as codec_exact
 from hf_residual.codecs import folders as codec_folders
 from hf_residual.codecs import registry as codec_registry
 from hf_residual.core import assets, engine, plans, vocab
@@ -158,27 +157,73 @@ def _extract_encoded(
     revisions: tuple[str | None, str | None],
     options: Options,
 ) -> Result:
-    """The exact float32 residual into a temporary folder beside the output, then encoded with ``codec``."""
+    """The exact float32 residual, one tensor at a time from the model files, encoded with ``codec``."""
     publish = options.publish
     check_destination(output.absolute(), overwrite=options.overwrite)
-    parent = output.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.exact-", dir=parent) as tmp:
-        fresh = dataclasses.replace(options, overwrite=False)
-        exact = _extract(instruct, base, Path(tmp) / "exact", "float32", revisions, fresh)
-        license = common.license_of(exact.output)
-        manifest = codec_folders.encode_into(
-            exact.output,
-            output,
-            codec,
-            overwrite=options.overwrite,
-            max_shard_bytes=options.max_shard_bytes,
-            render_card=lambda m: cards.residual_card(
-                m, publish.card_ref("RESIDUAL_FOLDER_OR_REPO"), license
-            ),
-            probe=probe,
-            instruct=exact.details["instruct_path"] if probe else None,
-        )
+    instruct_model = resolve(instruct, revisions[0], role="instruct model", token=publish.token)
+    base_source = "given"
+    if base is None:
+        base, base_source = common.find_base(instruct_model, instruct)
+    base_model = resolve(base, revisions[1], role="base model", token=publish.token)
+    i_ckpt, b_ckpt = open_checkpoint(instruct_model.path), open_checkpoint(base_model.path)
+    pairs = plans.pair(i_ckpt, b_ckpt)
+    jobs = plans.extract_jobs(pairs, "F32")
+    samples = checks.base_samples(b_ckpt)
+    checks.check_sampled_residual(pairs, samples, options.force)
+    manifest = Manifest(
+        codec="float32",
+        base=common.identity_of(base_model, b_ckpt, samples),
+        instruct=common.identity_of(instruct_model, i_ckpt),
+        model_type=i_ckpt.model_type,
+        architectures=list(i_ckpt.config.get("architectures") or []),
+        base_vocab_size=b_ckpt.vocab_size,
+        instruct_vocab_size=i_ckpt.vocab_size,
+        base_tokens=vocab.token_count(base_model.path),
+        tensors={
+            p.name: TensorEntry(
+                shape=list(p.instruct.shape),
+                dtype="F32",
+                sha256="",  # set when encoded
+                source_dtype=p.instruct.dtype,
+                absolute_rows_from=p.absolute_rows_from,
+                base_sample=samples[p.name],
+            )
+            for p in pairs
+        },
+    )
+
+    def exact():  # a fresh pass over I - B; the norms go into the manifest as each tensor is computed
+        for tensor in codec_exact.exact_tensors(jobs):
+            entry = manifest.tensors[tensor.name]
+            entry.base_norm, entry.residual_norm = tensor.base_norm, tensor.residual_norm
+            yield tensor.name, tensor.values
+
+    def finish(staging: Path) -> None:
+        assets.copy_chat_assets(instruct_model.path, staging)
+        if i_ckpt.config:
+            assets.write_json(staging / assets.INSTRUCT_CONFIG, i_ckpt.config)
+
+    license = common.license_of(instruct_model.path, base_model.path)
+    encoded = codec_folders.encode_into(
+        exact,
+        manifest,
+        output,
+        codec,
+        overwrite=options.overwrite,
+        max_shard_bytes=options.max_shard_bytes,
+        finish=finish,
+        render_card=lambda m: cards.residual_card(m, publish.card_ref("RESIDUAL_FOLDER_OR_REPO"), license),
+        probe=probe,
+        instruct=instruct_model.path if probe else None,
+    )
     written = sum(p.stat().st_size for p in output.glob("residual*.safetensors"))
-    details = {**exact.details, "codec": codec.spec, "lossless": False, "fidelity": manifest.fidelity}
-    return Result(output, exact.tensors, written, details)
+    details = {
+        "codec": codec.spec,
+        "lossless": False,
+        "inexact_elements": 0,
+        "base": str(base),
+        "base_source": base_source,
+        "instruct_path": instruct_model.path,
+        "fidelity": encoded.fidelity,
+    }
+    return Result(output, len(jobs), written, details)
