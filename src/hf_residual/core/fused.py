@@ -8,138 +8,74 @@ Stored dtypes travel as numpy views: bfloat16 as ``uint16``, float16 as ``int16`
 ``float32``. Each kernel returns the largest ``|x|`` of the float32 results as a bit pattern, so the caller
 finds NaN, Inf and overflow of the output dtype with one comparison.
 
-If numba cannot be imported, ``AVAILABLE`` is False and the engine uses its numpy path.
+Loaded on first use: the kernels (``port_block``, ``apply_block``, ``copy_block``, ``dequant_block``, in
+``fused_jit``) and ``AVAILABLE`` are looked up through this module's ``__getattr__``, which imports numba
+and loads the cached machine code the first time the engine asks for one. Importing numba and its first
+dispatch cost about 0.5-1 s; ``hf-residual --help``, argument errors and anything that fails before the
+engine runs never pay it (tests/test_startup.py). If numba cannot be imported, ``AVAILABLE`` is False and
+the engine uses its numpy path.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 
-try:
-    from llvmlite import ir
-    from numba import njit, types
-    from numba.extending import intrinsic, overload
-
-    AVAILABLE = True
-except ImportError:  # pragma: no cover - numba is a dependency; this keeps odd platforms working
-    AVAILABLE = False
-
 VIEW_DTYPES = {"BF16": np.uint16, "F16": np.int16, "F32": np.float32}
+KERNELS = ("port_block", "apply_block", "copy_block", "dequant_block")
 
-if AVAILABLE:
+_lock = threading.Lock()
 
-    @intrinsic
-    def _u32_as_f32(typingctx, x):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.FloatType())
 
-        return types.float32(types.uint32), codegen
+def __getattr__(name: str):
+    if name == "AVAILABLE" or name in KERNELS:
+        load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    @intrinsic
-    def _f32_as_u32(typingctx, x):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.IntType(32))
 
-        return types.uint32(types.float32), codegen
+def load() -> bool:
+    """Import numba and the kernels once (thread-safe), ready to run; return whether they are available."""
+    with _lock:
+        if "AVAILABLE" not in globals():
+            try:
+                with _scipy_deferred():
+                    from hf_residual.core import fused_jit
 
-    @intrinsic
-    def _half_bits_to_f32(typingctx, x):
-        def codegen(context, builder, signature, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+                    # The first call of any jitted function loads numba's registries; do it here.
+                    fused_jit.copy_block(np.zeros(1, np.float32), np.zeros(1, np.float32))
+            except ImportError:  # pragma: no cover - numba is a dependency; this keeps odd platforms working
+                globals()["AVAILABLE"] = False
+            else:
+                globals().update({name: getattr(fused_jit, name) for name in KERNELS})
+                globals()["AVAILABLE"] = True
+    return globals()["AVAILABLE"]
 
-        return types.float32(types.int16), codegen
 
-    @intrinsic
-    def _f32_to_half_bits(typingctx, x):
-        # LLVM's fptrunc rounds to nearest even, as numpy's float32 -> float16 cast does.
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+@contextmanager
+def _scipy_deferred() -> Iterator[None]:
+    """Keep numba's first dispatch from importing scipy (about 0.3 s) when nothing has imported it yet.
 
-        return types.int16(types.float32), codegen
-
-    def _load(x):  # pragma: no cover - replaced by the overload below
-        raise NotImplementedError
-
-    @overload(_load)
-    def _load_impl(x):
-        if x == types.uint16:
-            return lambda x: _u32_as_f32(np.uint32(x) << np.uint32(16))
-        if x == types.int16:
-            return lambda x: _half_bits_to_f32(x)
-        if x == types.float32:
-            return lambda x: x
-        return None
-
-    def _store(out, k, value):  # pragma: no cover - replaced by the overload below
-        raise NotImplementedError
-
-    @overload(_store)
-    def _store_impl(out, k, value):
-        if out.dtype == types.uint16:
-
-            def store_bf16(out, k, value):
-                bits = _f32_as_u32(value)
-                bits = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-                out[k] = np.uint16(bits >> np.uint32(16))
-
-            return store_bf16
-        if out.dtype == types.int16:
-
-            def store_f16(out, k, value):
-                out[k] = _f32_to_half_bits(value)
-
-            return store_f16
-        if out.dtype == types.float32:
-
-            def store_f32(out, k, value):
-                out[k] = value
-
-            return store_f32
-        return None
-
-    @njit(nogil=True, cache=True, boundscheck=False)
-    def port_block(plus, minus, alpha, addend, out):
-        """out = addend + alpha * (plus - minus); returns max |result| bits."""
-        worst = np.uint32(0)
-        for k in range(out.size):
-            value = (_load(plus[k]) - _load(minus[k])) * alpha + _load(addend[k])
-            worst = max(worst, _f32_as_u32(value) & np.uint32(0x7FFFFFFF))
-            _store(out, k, value)
-        return worst
-
-    @njit(nogil=True, cache=True, boundscheck=False)
-    def apply_block(plus, alpha, addend, out):
-        """out = addend + alpha * plus; returns max |result| bits."""
-        worst = np.uint32(0)
-        for k in range(out.size):
-            value = _load(plus[k]) * alpha + _load(addend[k])
-            worst = max(worst, _f32_as_u32(value) & np.uint32(0x7FFFFFFF))
-            _store(out, k, value)
-        return worst
-
-    @njit(nogil=True, cache=True, boundscheck=False)
-    def copy_block(plus, out):
-        """out = plus converted (one rounding); returns max |result| bits."""
-        worst = np.uint32(0)
-        for k in range(out.size):
-            value = _load(plus[k])
-            worst = max(worst, _f32_as_u32(value) & np.uint32(0x7FFFFFFF))
-            _store(out, k, value)
-        return worst
-
-    @njit(nogil=True, cache=True, boundscheck=False)
-    def dequant_block(codes, table, rows, start, cols, block_rows, out):
-        """FP8 with block scales: ``out[k] = table[codes[k]] * rows[r // block_rows, c]`` for element
-        ``start + k`` = ``(r, c)`` of a ``cols``-column matrix (``rows``: scales expanded along columns)."""
-        count = out.size
-        row = start // cols
-        col = start - row * cols
-        k = 0
-        while k < count:
-            scales = rows[row // block_rows]
-            n = min(cols - col, count - k)
-            for j in range(n):
-                out[k + j] = table[codes[k + j]] * scales[col + j]
-            k += n
-            row += 1
-            col = 0
+    numba's first dispatch imports all its implementation registries; ``numba.np.arraymath`` imports scipy
+    there only to set ``_HAVE_BLAS`` (whether ``np.dot``-style inner products may call BLAS). These kernels
+    use no BLAS. So while that registry loads, ``import scipy`` fails (``sys.modules`` entry None), and
+    afterwards ``_HAVE_BLAS`` is set to whether scipy is installed, as numba would have found. Skipped when
+    scipy is already imported (then it costs nothing) or numba's registries are already loaded.
+    """
+    if "scipy" in sys.modules or "numba.np.arraymath" in sys.modules:
+        yield
+        return
+    sys.modules["scipy"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "scipy" in sys.modules and sys.modules["scipy"] is None:
+            del sys.modules["scipy"]
+        arraymath = sys.modules.get("numba.np.arraymath")
+        if arraymath is not None and hasattr(arraymath, "_HAVE_BLAS"):
+            arraymath._HAVE_BLAS = importlib.util.find_spec("scipy") is not None
