@@ -233,13 +233,27 @@ def test_port_recipe_reproduces_every_tuned_candidate_bit_for_bit(tuned, family,
     assert len({_alpha_of(n, entries, 0.9) for n in t}) >= 4
 
 
-def test_rerun_evaluates_nothing_and_resume_continues_the_same_search(tuned, family, tmp_path):
+def test_rerun_evaluates_nothing_and_resume_continues_the_same_search(tuned, family, tmp_path, capsys):
     kwargs = dict(probes=demo_probes("tiny", 0), progress=False, log=lambda _: None)
     models = (family["instruct"], family["base"], family["target"])
-    again = tune(*models, budget=BUDGET, output=tuned.output, **kwargs)
-    assert (again.evaluated, again.reused) == (0, BUDGET)
-    assert [r["key"] for r in again.candidates] == [r["key"] for r in tuned.candidates]
-    assert again.chosen["key"] == tuned.chosen["key"]
+    # The CLI on the same output: every candidate from the cache, the chosen port written with its recipe.
+    args = ["tune", str(family["instruct"]), "--base", str(family["base"]), "--target", str(family["target"])]
+    args += ["-o", str(tuned.output), "--budget", str(BUDGET), "--demo-probes", "tiny:0", "--json", "-q"]
+    assert main([*args, "--port-to", str(tmp_path / "ported")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["evaluated"], again["reused"]) == (0, BUDGET)
+    assert again["chosen"]["key"] == tuned.chosen["key"]
+    assert [r["key"] for r in again["front"]] == [r["key"] for r in tuned.front]
+    card = (tmp_path / "ported" / "README.md").read_text()
+    assert "## Tuned recipe" in card and (tuned.output / "recipe.yaml").read_text() in card
+    from hf_residual.ops.port import port
+    from hf_residual.ops.recipe import Recipe
+
+    kw = Recipe.load(tuned.output / "recipe.yaml").port_kwargs()
+    api = port(
+        family["instruct"], family["target"], tmp_path / "api", base=family["base"], progress=False, **kw
+    )
+    assert matches(tmp_path / "ported", load_tensors(api.output))
     # A run killed after 3 candidates (its last line cut off) resumes: 1 evaluated, the same 4 candidates.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
