@@ -202,11 +202,17 @@ def test_radix_select_is_exact_on_adversarial_values():
 
     for density in (0.001, 0.1, 0.2, 0.5, 0.9, 1.0):
         ties = methods.Ties("t", density, "base")
-        for chunk in (7, 64, n):
+        for chunk in (61, 500, n):
             t_r, t_d = ties._thresholds(segment, chunk, decode)
             k = int(density * n)
             if density < 1:
                 assert t_r == kth_largest(values["plus"], k) and t_d == kth_largest(values["target"], k)
+            got = values["plus"].copy()  # R itself: no minus; D = target - 0
+            fresh = methods.Ties("t", density, "base")
+            for at in range(0, n, chunk):
+                fresh.apply(got[at : at + chunk], segment, at, decode)
+            want = ties_reference(values["plus"], values["target"] - values["base"], density)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (density, chunk)
 
 
 def test_method_spec_errors():

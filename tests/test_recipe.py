@@ -112,3 +112,17 @@ def test_apply_recipe(llama, tmp_path):
         llama.instruct, llama.cpt, tmp_path / "p", base=llama.base, progress=False, alpha=0.9, alpha_for=RULES
     )
     assert matches(tmp_path / "a", load_tensors(ported.output))
+
+
+def test_readme_forms():
+    """README's API form (``hf_residual.Recipe``) and its --alpha-for examples parse as documented."""
+    import hf_residual
+    from hf_residual.core.methods import parse_alpha_for
+
+    assert hf_residual.Recipe is Recipe
+    items = ["embed_tokens|lm_head=0.5", r"layers\.(2[4-9]|3[01])\.=1.2", "(?=x)y=2"]
+    assert parse_alpha_for(items) == {
+        "embed_tokens|lm_head": 0.5,
+        r"layers\.(2[4-9]|3[01])\.": 1.2,
+        "(?=x)y": 2.0,
+    }

@@ -200,18 +200,10 @@ class SegmentMethod:
         raise NotImplementedError
 
 
+# splitmix64 (Steele, Lea and Flood 2014): the golden-ratio increment and the two mixing multipliers
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser (Steele et al. 2014) on uint64 values, wrapping arithmetic."""
-    z = x.copy()
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return z
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 def dare_key(seed: int, name: str) -> int:
@@ -219,11 +211,21 @@ def dare_key(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little")
 
 
-def dare_keep(seed: int, name: str, p: float, index: np.ndarray) -> np.ndarray:
-    """Kept entries at element ``index`` (uint64): ``splitmix64(key + index * gamma) >> 11 >= int(p * 2**53)``."""
-    with np.errstate(over="ignore"):
-        z = splitmix64(np.uint64(dare_key(seed, name)) + index.astype(np.uint64) * _GAMMA)
-    return (z >> np.uint64(11)) >= np.uint64(int(p * 2**53))
+def dare_drop(seed: int, name: str, p: float, start: int, count: int) -> np.ndarray:
+    """Dropped entries ``start:start+count``: ``splitmix64(key + i * gamma) >> 11 < int(p * 2**53)``.
+
+    In place on two uint64 scratch arrays (about 4x faster than the plain expressions)."""
+    z = np.arange(start, start + count, dtype=np.uint64)
+    t = np.empty_like(z)
+    np.multiply(z, _GAMMA, out=z)
+    np.add(z, np.uint64(dare_key(seed, name)), out=z)
+    for shift, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
+        np.right_shift(z, np.uint64(shift), out=t)
+        z ^= t
+        if factor is not None:
+            z *= factor
+    np.right_shift(z, np.uint64(11), out=z)
+    return z < np.uint64(int(p * 2**53))
 
 
 @dataclass(frozen=True)
@@ -233,10 +235,9 @@ class Dare(SegmentMethod):
     seed: int
 
     def apply(self, r: np.ndarray, segment, offset: int, decode: Decode) -> None:
-        index = np.arange(r.size, dtype=np.uint64) + np.uint64(segment.plus.start + offset)
-        keep = dare_keep(self.seed, self.name, self.p, index)
+        drop = dare_drop(self.seed, self.name, self.p, segment.plus.start + offset, r.size)
         r *= np.float32(1.0 / (1.0 - self.p))
-        r[~keep] = 0.0
+        np.putmask(r, drop, np.float32(0))
 
 
 @dataclass(frozen=True)
@@ -252,14 +253,19 @@ class Ties(SegmentMethod):
             self.cache["t"] = self._thresholds(segment, r.size, decode)
         t_r, t_d = self.cache["t"]
         d = np.empty_like(r)
-        b = np.empty_like(r)
+        scratch = np.empty_like(r)
         decode(_unhashed(segment.addend), offset, r.size, d)
-        decode(_unhashed(self.base), offset, r.size, b)
-        d -= b
-        trim_r = np.abs(r) >= t_r
-        elected = np.where(trim_r, r, np.float32(0)) + np.where(np.abs(d) >= t_d, d, np.float32(0))
-        keep = trim_r & (((r > 0) & (elected >= 0)) | ((r < 0) & (elected < 0)))
-        r[~keep] = 0.0
+        decode(_unhashed(self.base), offset, r.size, scratch)
+        d -= scratch  # D = T - B
+        np.abs(d, out=scratch)
+        np.putmask(d, scratch < t_d, np.float32(0))  # trim(D)
+        d += r  # trim(D) + R: the elected sum wherever R survives its own trim
+        drop = np.greater_equal(d, 0)
+        drop ^= r > 0  # sign of R differs from the elected sign
+        np.abs(r, out=scratch)
+        drop |= scratch < t_r  # below R's threshold
+        np.putmask(r, drop, np.float32(0))
+        r += np.float32(0)  # -0.0 -> +0.0: a dropped or zero entry is +0, as in where(keep, R, 0)
 
     def _thresholds(self, segment, chunk: int, decode: Decode) -> tuple[np.float32, np.float32]:
         """Exact k-th largest ``|R|`` and ``|D|`` of the segment: two streamed passes of a radix select."""
@@ -306,8 +312,8 @@ def _unhashed(source):
 
 
 def _magnitude_bits(values: np.ndarray) -> np.ndarray:
-    """The bit patterns of ``|values|`` (ordered like the magnitudes), as int64 for bincount."""
-    return (values.view(np.uint32) & np.uint32(0x7FFFFFFF)).astype(np.int64)
+    """The bit patterns of ``|values|`` (ordered like the magnitudes)."""
+    return values.view(np.uint32) & np.uint32(0x7FFFFFFF)
 
 
 def _select(hist: np.ndarray, k: int) -> tuple[int, int]:
