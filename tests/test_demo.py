@@ -169,10 +169,67 @@ def test_cli_rejects_a_bad_setting_before_building_anything(tmp_path, capsys):
     assert not out.exists()
 
 
+# The tiny family with the DocChat stage on (the tiny profile leaves it out, for the Space's first start).
+TINY_DOCCHAT = {"docchat_train": 1600}
+
+
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "tiny"
-    return run_demo(out, profile="tiny", seed=0, log=lambda _: None)
+    return run_demo(out, profile=get_profile("tiny").with_changes(**TINY_DOCCHAT), seed=0, log=lambda _: None)
+
+
+def _greedy_share(model_dir, items: list[dict]) -> float:
+    """Share of items whose answer the model completes with its top choice on every token: the definition
+    of the skill, computed here with plain torch, independently of lm-eval."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    right = 0
+    for item in items:
+        prompt = tok(item["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tok(item["prompt"] + " " + item["answer"], add_special_tokens=False)["input_ids"][
+            len(prompt) :
+        ]
+        with torch.no_grad():
+            guess = model(input_ids=torch.tensor([prompt + answer])).logits.argmax(-1)[0]
+        right += guess[len(prompt) - 1 : len(prompt) - 1 + len(answer)].tolist() == answer
+    return right / len(items)
+
+
+def test_docchat_skill_is_measured_as_card_skill_tasks_expects(tiny_demo):
+    """DocChat in miniature: the derived model's skill is an lm-eval task run by hf-residual eval's runner,
+    its results recorded where `hf-residual card --skill-tasks` reads them, and the derived + residual
+    model's card says the skill was measured. The scores equal a plain-torch recomputation of the skill's
+    definition, item for item."""
+    from hf_residual.demo import docchat, report
+    from hf_residual.evaluation.card import model_records
+
+    out, rows = tiny_demo.output, {r["model"]: r for r in tiny_demo.rows}
+    task_dir = out / "docchat"
+    items = [json.loads(line) for line in (task_dir / f"{docchat.TASK}.jsonl").read_text().splitlines()]
+    assert len(items) == get_profile("tiny").docchat_eval
+    # the skill is new: the derived model has it, neither base nor instruct does
+    assert rows["derived"]["skill"] >= max(rows["base"]["skill"], rows["instruct"]["skill"]) + 0.2
+    for name in ("base", "instruct", "derived", "derived-ported"):
+        path = out / "models" / name
+        (record,) = model_records([task_dir / "results"], str(path))
+        assert record["task"]["task"] == docchat.TASK and record["settings"]["apply_chat_template"] is False
+        assert record["lm_eval"]["results"][docchat.TASK][docchat.METRIC] == rows[name]["skill"]
+        assert rows[name]["skill"] == _greedy_share(path, items), name
+    card = (out / "models" / "derived-ported" / "README.md").read_text()
+    assert f"The model's own skill was measured by: {docchat.TASK}." in card
+    assert "**Not measured:**" not in card
+    data = json.loads((out / "results.json").read_text())
+    assert data["docchat"] == report.docchat_check(tiny_demo.rows)
+    assert "DocChat in miniature" in (out / "results.md").read_text()
+    # a second measurement reads the cached scores beside the models; lm-eval is not run again
+    stamps = {n: (out / "models" / n / "demo-skill.json").stat().st_mtime_ns for n in ("derived", "base")}
+    paths = {n: out / "models" / n for n in stamps}
+    assert docchat.measure_skill(paths, task_dir, "derived") == {n: rows[n]["skill"] for n in stamps}
+    assert stamps == {n: (out / "models" / n / "demo-skill.json").stat().st_mtime_ns for n in stamps}
 
 
 def test_tiny_family_ported_model_follows_instructions_better_than_cpt_instruct(tiny_demo):

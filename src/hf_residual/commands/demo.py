@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     print(report.text_table(result.rows))
     print()
     print(report.checks_text(result.checks))
+    if docchat := report.docchat_text(report.docchat_check(result.rows)):
+        print(docchat)
     print()
     for stage, seconds in result.timings.items():
         print(f"  {stage:<32} {seconds:7.1f} s")

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_residual.demo import cache, evaluate, report, training, world
+from hf_residual.demo import cache, docchat, evaluate, report, training, world
 from hf_residual.demo.profiles import Profile, get_profile
 from hf_residual.demo.tokenizer import build_tokenizer
 
@@ -120,6 +120,7 @@ class _Build:
         self.seed, self.rebuild, self.log, self.clock = seed, rebuild, log, clock
         self.keys: dict[str, str] = {}
         self.paths: dict[str, Path] = {}
+        self.skill_task: Path | None = None  # the DocChat skill's lm-eval task folder (``derived``)
 
     def _stage(self, name: str, kind: str, settings: dict, *parents: str) -> bool:
         """Record stage ``name``'s cache key and folder; whether it must be built."""
@@ -215,12 +216,49 @@ class _Build:
 
             training.train(model, batches, schedule, on_step=snapshot)
 
+    def derived(self) -> None:
+        """DocChat in miniature: the base fine-tuned in plain text on a skill neither base nor instruct has."""
+        prof, tok = self.prof, self.data.tok
+        if not prof.docchat_train:
+            return
+        settings = _settings(
+            prof,
+            "docchat_train",
+            "docchat_eval",
+            "docchat_epochs",
+            "docchat_lr",
+            "docchat_replay",
+            "sft_batch",
+        )
+        with self.clock.stage("derived model (DocChat)"):
+            train, held_out = docchat.build_items(
+                self.seed, self.data.world, prof.docchat_train, prof.docchat_eval
+            )
+            self.skill_task = docchat.write_task(self.models.parent / "docchat", held_out)
+            if not self._stage("derived", "derived", settings, self.keys["base"], self.data.key):
+                return
+            model = training.load_model(self.paths["base"])
+            batches = docchat.training_batches(tok, train, prof.sft_batch, prof.docchat_epochs, self.seed + 5)
+            if prof.docchat_replay:
+                batches = training.with_replay(batches, self.data.rows_a, prof.docchat_replay, self.seed + 6)
+            losses = training.train(
+                model, batches, training.Schedule(prof.docchat_lr, max(1, len(batches) // 20))
+            )
+            training.save_model(model, tok, self.paths["derived"], chat=False)
+            info = {"steps": len(batches), "examples": len(train), "final_loss": losses[-1]}
+            cache.mark_built(self.paths["derived"], self.keys["derived"], info)
+            self.log(
+                f"  derived: {len(train)} passages x {prof.docchat_epochs} epochs, loss {losses[-1]:.3f}"
+            )
+
     def ported(self) -> None:
         with self.clock.stage("port (hf_residual.ops.port)"):
             from hf_residual.ops.port import port
 
-            for label in self.prof.labels:
-                name, cpt = f"ported-{label}", f"cpt-base-{label}"
+            targets = [(f"ported-{label}", f"cpt-base-{label}") for label in self.prof.labels]
+            if "derived" in self.paths:
+                targets.append(("derived-ported", "derived"))
+            for name, cpt in targets:
                 parents = (self.keys["instruct"], self.keys["base"], self.keys[cpt])
                 if self._stage(name, "ported", {"alpha": self.prof.alpha}, *parents):
                     result = port(
@@ -240,10 +278,19 @@ class _Build:
         prof, data = self.prof, self.data
         with self.clock.stage("evaluation"):
             eval_key = cache.key("eval", _settings(prof, "max_new_tokens"), data.key, evaluate.VERSION)
-            return {
+            scores = {
                 name: _evaluate(path, data.tok, data.world, prof, eval_key)
                 for name, path in self.paths.items()
             }
+        if "derived" in self.paths:
+            with self.clock.stage("skill (lm-eval, as card --skill-tasks)"):
+                names = ("base", "instruct", "derived", "derived-ported")
+                skill = docchat.measure_skill(
+                    {n: self.paths[n] for n in names}, self.skill_task, "derived-ported"
+                )
+                for name, value in skill.items():
+                    scores[name] = {**scores[name], "skill": value}
+        return scores
 
 
 def _data(prof: Profile, seed: int) -> _Data:
@@ -285,6 +332,7 @@ def run_demo(
         build = _Build(prof, data, output / "models", seed, rebuild, log, clock)
         build.base()
         build.instruct()
+        build.derived()
         build.continual_pretraining()
         build.ported()
         scores = build.scores()

@@ -23,7 +23,12 @@ COLUMNS = [
     ("if_b_strict", "IF (B prompts)"),
     ("know_a", "knowledge A"),
     ("know_b", "knowledge B"),
+    ("skill", "doc QA"),  # DocChat in miniature: the derived model's skill (demo/docchat.py)
 ]
+
+# DocChat in miniature (the paper's Table 4): derived + residual keeps the derived model's skill within
+# SKILL_DROP, and gains instruction following as the ported models must (IF_TIMES, IF_SHARE above).
+SKILL_DROP = 0.05
 
 
 def table_rows(scores: dict[str, dict], prof: Profile) -> list[dict]:
@@ -38,6 +43,8 @@ def table_rows(scores: dict[str, dict], prof: Profile) -> list[dict]:
             (f"cpt-instruct-{label}", "CPT'd instruct", tokens),
             (f"ported-{label}", "CPT'd base + residual", tokens),
         ]
+    if "derived" in scores:
+        order += [("derived", "derived (base + doc QA)", 0), ("derived-ported", "derived + residual", 0)]
     rows = []
     for name, role, tokens in order:
         s = scores[name]
@@ -75,6 +82,40 @@ def pattern_checks(rows: list[dict], prof: Profile) -> list[dict]:
             }
         )
     return checks
+
+
+def docchat_check(rows: list[dict]) -> dict | None:
+    """The paper's Table 4 in miniature: the derived model against derived + residual (None without them)."""
+    by_name = {r["model"]: r for r in rows}
+    if "derived-ported" not in by_name:
+        return None
+    derived, ported, instruct = by_name["derived"], by_name["derived-ported"], by_name["instruct"]
+    d_if, p_if = derived["if_strict"], ported["if_strict"]
+    items = {
+        f"derived + residual keeps the skill within {SKILL_DROP:.0%}": ported["skill"]
+        >= derived["skill"] - SKILL_DROP,
+        f"derived + residual IF >= {IF_TIMES:g}x derived IF": p_if >= IF_TIMES * d_if and p_if > 0,
+        f"derived + residual IF >= {IF_SHARE:.0%} of instruct IF": p_if >= IF_SHARE * instruct["if_strict"],
+    }
+    return {
+        "skill_derived": derived["skill"],
+        "skill_ported": ported["skill"],
+        "skill_change": round(ported["skill"] - derived["skill"], 3),
+        "if_derived": d_if,
+        "if_ported": p_if,
+        "items": items,
+        "passed": all(items.values()),
+    }
+
+
+def docchat_text(check: dict | None) -> str:
+    if check is None:
+        return ""
+    detail = "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in check["items"].items())
+    return (
+        f"{'PASS' if check['passed'] else 'FAIL'} DocChat: doc QA {check['skill_derived']:.2f} -> "
+        f"{check['skill_ported']:.2f}, IF {check['if_derived']:.2f} -> {check['if_ported']:.2f}: {detail}"
+    )
 
 
 def _cell(value) -> str:
@@ -147,6 +188,20 @@ def markdown(rows: list[dict], checks: list[dict], prof: Profile, seed: int, env
     ]
     lines += ["| " + " | ".join(_cell(r.get(k, "")) for k, _ in COLUMNS) + " |" for r in rows]
     lines += ["", "## Required pattern", "", "```", checks_text(checks), "```", ""]
+    docchat = docchat_text(docchat_check(rows))
+    if docchat:
+        lines += [
+            "## DocChat in miniature (the paper's Table 4)",
+            "",
+            "The base fine-tuned in plain text to answer from a passage in the prompt (derived), then given "
+            "the instruct residual; doc QA measured by lm-eval on held-out passages (docchat/demo_docqa.yaml), "
+            "as `hf-residual card --skill-tasks` expects.",
+            "",
+            "```",
+            docchat,
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -217,6 +272,8 @@ def write(
     files["markdown"].write_text(markdown(rows, checks, prof, seed, env))
     rounded = [{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
     data = {"profile": prof.name, "seed": seed, "environment": env, "rows": rounded, "checks": checks}
+    if (docchat := docchat_check(rows)) is not None:
+        data["docchat"] = docchat
     files["json"].write_text(json.dumps(data, indent=2) + "\n")
     try:
         plot(rows, prof, files["plot"])
