@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from fractions import Fraction
 from types import SimpleNamespace
 
 import numpy as np
@@ -63,6 +64,15 @@ def dare_mask(seed: int, name: str, p: float, n: int) -> np.ndarray:
 
 def dare_reference(r: np.ndarray, name: str, p: float, seed: int) -> np.ndarray:
     return np.where(dare_mask(seed, name, p, r.size), r * np.float32(1.0 / (1.0 - p)), np.float32(0))
+
+
+def orthogonal_reference(r: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """R - c * D, c = <R, D> / <D, D> from exact (Fraction) sums of the float64 products, rounded once to
+    float64 and then to float32; the product and subtraction in float32."""
+    num = sum(map(Fraction, (r.astype(np.float64) * d).tolist()), Fraction(0))
+    den = sum(map(Fraction, (d.astype(np.float64) * d).tolist()), Fraction(0))
+    c = np.float32(0) if den == 0 else np.float32(float(num / den))
+    return r - c * d
 
 
 def expected(family, method, alpha: float) -> dict[str, torch.Tensor]:
@@ -239,3 +249,30 @@ def test_cli_method_json(llama, tmp_path, capsys):
     assert_same(tmp_path / "o", expected(llama, lambda n, r, d: dare_reference(r, n, 0.2, 5), 1.0))
     assert main([*argv[:-3], "--method", "ties"]) != 0
     assert "needs density" in capsys.readouterr().err
+
+
+def test_orthogonal_matches_reference(families, tmp_path, small_blocks):
+    family = families("qwen2", "bfloat16")
+    result = api.port(
+        family.instruct, family.cpt, tmp_path / "o", base=family.base, method="orthogonal", alpha=1.2
+    )
+    assert_same(result.output, expected(family, lambda n, r, d: orthogonal_reference(r, d), 1.2))
+    residual = api.extract(family.instruct, family.base, tmp_path / "r", dtype="float32", progress=False)
+    applied = api.apply(
+        residual.output, family.cpt, tmp_path / "a", method="orthogonal", base=family.base, alpha=1.2
+    )
+    assert matches(applied.output, load_tensors(result.output))
+    with pytest.raises(ConfigError, match=r"--base BASE"):
+        api.apply(residual.output, family.cpt, tmp_path / "x", method="orthogonal", progress=False)
+
+
+def test_exact_dot_is_exact():
+    """The streamed exact dot product against Fractions, on values of very different scales."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(5000) * 10.0 ** rng.integers(-30, 30, 5000)).astype(np.float32)
+    y = (rng.standard_normal(5000) * 10.0 ** rng.integers(-30, 30, 5000)).astype(np.float32)
+    x[:10] = np.float32([1e-45, -1e-45, 0.0, -0.0, 3e38, -3e38, 1.0, 1.0, 2.0**-126, 0.5])
+    dot = methods.ExactDot()
+    for at in range(0, x.size, 777):
+        dot.add(x[at : at + 777], y[at : at + 777])
+    assert dot.value() == sum(map(Fraction, (x.astype(np.float64) * y).tolist()), Fraction(0))

@@ -20,8 +20,14 @@ to the target's dtype at the end. The engine calls ``SegmentMethod.apply`` on ea
   with probability P and the kept ones are multiplied by ``float32(1 / (1 - P))``. The drop mask is a
   pure function of (seed, tensor name, element index in the residual tensor): splitmix64 of a per-tensor
   key plus the index, so block-by-block and whole-tensor computations agree.
+- ``orthogonal``: ``method(R) = R - c * D`` per tensor, ``c = float32(<R, D> / <D, D>)`` (0 when D is
+  0): R without its component along the CPT update, so what CPT moved is not moved again. The dot
+  products are exact (``ExactDot``, one streamed pre-pass), the quotient rounded to float64 then float32;
+  then ``c * D`` and the subtraction are float32 operations. Measured while planning issue 16 on the
+  quick demo family: IF 0.70 / new knowledge 0.46 against 0.61 / 0.48 for plain ``R`` (and 0.70 / 0.35
+  for plain ``R`` at alpha 1.2).
 
-Thresholds and masks are per residual segment; a tensor has one, except the embedding-like tensors of a
+Thresholds, coefficients and masks are per residual segment; a tensor has one, except the embedding-like tensors of a
 target with a grown vocabulary, whose residual rows come in runs (one threshold per run).
 """
 
@@ -33,6 +39,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 
@@ -43,12 +50,14 @@ METHODS = {
     TASK_ARITHMETIC: {},
     "ties": {"density": None},
     "dare": {"p": None, "seed": 0},
+    "orthogonal": {},
 }
 METHOD_HELP = (
     "how the residual R is combined: task_arithmetic (default: TARGET + alpha * R), ties:density=D "
     "(keep R's top-D fraction of magnitudes per tensor whose sign agrees with the sign elected from "
     "trimmed D = TARGET - BASE and R; needs BASE), dare:p=P,seed=S (drop R's entries with probability "
-    "P, rescale the kept by 1/(1-P); seeded, reproducible)"
+    "P, rescale the kept by 1/(1-P); seeded, reproducible), orthogonal (R minus its projection on D, per "
+    "tensor; needs BASE)"
 )
 
 Decode = Callable[[object, int, int, np.ndarray], None]  # engine: decode(source, offset, count, out)
@@ -71,7 +80,7 @@ class Method:
     @property
     def needs_base(self) -> bool:
         """Whether the base model must be read (``ties`` elects signs against ``D = T - B``)."""
-        return self.name == "ties"
+        return self.name in ("ties", "orthogonal")
 
     @property
     def is_default(self) -> bool:
@@ -90,6 +99,8 @@ class Method:
             return Ties(name, float(p["density"]), base)
         if self.name == "dare":
             return Dare(name, float(p["p"]), int(p["seed"]))
+        if self.name == "orthogonal":
+            return Orthogonal(name, base_source if base_source is not None else segment.minus)
         return None
 
 
@@ -252,11 +263,7 @@ class Ties(SegmentMethod):
         if "t" not in self.cache:
             self.cache["t"] = self._thresholds(segment, r.size, decode)
         t_r, t_d = self.cache["t"]
-        d = np.empty_like(r)
-        scratch = np.empty_like(r)
-        decode(_unhashed(segment.addend), offset, r.size, d)
-        decode(_unhashed(self.base), offset, r.size, scratch)
-        d -= scratch  # D = T - B
+        d, scratch = _update_block(segment, self.base, offset, r.size, decode)
         np.abs(d, out=scratch)
         np.putmask(d, scratch < t_d, np.float32(0))  # trim(D)
         d += r  # trim(D) + R: the elected sum wherever R survives its own trim
@@ -275,19 +282,9 @@ class Ties(SegmentMethod):
             return np.float32(0), np.float32(0)
         if k == 0:
             return np.float32(np.inf), np.float32(np.inf)
-        bufs = [np.empty(chunk, np.float32) for _ in range(3)]
 
         def blocks():
-            for at in range(0, n, chunk):
-                count = min(chunk, n - at)
-                r, d, b = (buf[:count] for buf in bufs)
-                decode(_unhashed(segment.plus), at, count, r)
-                if segment.minus is not None:
-                    decode(_unhashed(segment.minus), at, count, b)
-                    r -= b
-                decode(_unhashed(segment.addend), at, count, d)
-                decode(_unhashed(self.base), at, count, b)
-                d -= b
+            for r, d in _residual_blocks(segment, self.base, chunk, decode):
                 yield _magnitude_bits(r), _magnitude_bits(d)
 
         high = [np.zeros(1 << 16, np.int64), np.zeros(1 << 16, np.int64)]
@@ -304,6 +301,84 @@ class Ties(SegmentMethod):
             bottom, _ = _select(hist, k - above)
             found.append(np.array([(top << 16) | bottom], np.uint32).view(np.float32)[0])
         return found[0], found[1]
+
+
+@dataclass(frozen=True)
+class Orthogonal(SegmentMethod):
+    """``R - c * D`` with ``c = <R, D> / <D, D>`` (0 when D is 0): R without its component along D."""
+
+    name: str
+    base: object
+    cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    def apply(self, r: np.ndarray, segment, offset: int, decode: Decode) -> None:
+        if "c" not in self.cache:
+            self.cache["c"] = self._coefficient(segment, r.size, decode)
+        d, _ = _update_block(segment, self.base, offset, r.size, decode)
+        d *= self.cache["c"]
+        r -= d
+
+    def _coefficient(self, segment, chunk: int, decode: Decode) -> np.float32:
+        """``float32(float64(<R, D> / <D, D>))`` from the exact dot products (``ExactDot``), one pass."""
+        rd, dd = ExactDot(), ExactDot()
+        for r, d in _residual_blocks(segment, self.base, chunk, decode):
+            rd.add(r, d)
+            dd.add(d, d)
+        num, den = rd.value(), dd.value()
+        return np.float32(0) if den == 0 else np.float32(float(Fraction(num) / Fraction(den)))
+
+
+class ExactDot:
+    """An exact float32 dot product, streamed: ``x_i * y_i`` is ``mx * my * 2^(ex + ey)`` with 24-bit
+    integer significands; the 48-bit products, split in two 24-bit halves, are summed per exponent with
+    ``bincount`` (exact: integer sums below 2^53 per block of up to 2^29 elements) into int64 bins."""
+
+    BINS = 553  # exponent sums of two float32 values (frexp: -148..128 each), offset by 296
+
+    def __init__(self) -> None:
+        self.hi = np.zeros(self.BINS, np.int64)
+        self.lo = np.zeros(self.BINS, np.int64)
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        mx, ex = np.frexp(x)
+        my, ey = np.frexp(y)
+        p = (mx * np.float32(1 << 24)).astype(np.int64) * (my * np.float32(1 << 24)).astype(np.int64)
+        exp = ex.astype(np.int64) + ey + 296
+        self.hi += np.bincount(exp, weights=p >> 24, minlength=self.BINS).astype(np.int64)
+        self.lo += np.bincount(exp, weights=p & 0xFFFFFF, minlength=self.BINS).astype(np.int64)
+
+    def value(self) -> Fraction:
+        total = sum(
+            (int(h) * (1 << 24) + int(lo)) << b
+            for b, (h, lo) in enumerate(zip(self.hi, self.lo, strict=True))
+        )
+        return Fraction(total, 1 << (296 + 48))
+
+
+def _update_block(segment, base, offset: int, count: int, decode: Decode) -> tuple[np.ndarray, np.ndarray]:
+    """``D = T - B`` for the segment's elements ``offset:offset+count`` (and the scratch array used)."""
+    d, scratch = np.empty(count, np.float32), np.empty(count, np.float32)
+    decode(_unhashed(segment.addend), offset, count, d)
+    decode(_unhashed(base), offset, count, scratch)
+    d -= scratch
+    return d, scratch
+
+
+def _residual_blocks(segment, base, chunk: int, decode: Decode):
+    """``(R, D)`` of the whole segment, ``chunk`` elements at a time (views of reused buffers)."""
+    n = segment.stop - segment.start
+    bufs = [np.empty(chunk, np.float32) for _ in range(3)]
+    for at in range(0, n, chunk):
+        count = min(chunk, n - at)
+        r, d, b = (buf[:count] for buf in bufs)
+        decode(_unhashed(segment.plus), at, count, r)
+        if segment.minus is not None:
+            decode(_unhashed(segment.minus), at, count, b)
+            r -= b
+        decode(_unhashed(segment.addend), at, count, d)
+        decode(_unhashed(base), at, count, b)
+        d -= b
+        yield r, d
 
 
 def _unhashed(source):

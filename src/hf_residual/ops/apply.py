@@ -168,8 +168,8 @@ def _method_base(options: Options, base_shapes: dict[str, tuple]):
         return None
     if merge.base is None:
         raise ConfigError(
-            f"method {merge.parsed.spec!r} elects signs against the CPT update D = target - base, and a "
-            "residual holds no base: pass the model the residual was extracted from as base= (--base BASE)"
+            f"method {merge.parsed.spec!r} reads the CPT update D = target - base, and a residual holds no "
+            "base: pass the model the residual was extracted from as base= (--base BASE)"
         )
     model = resolve(merge.base, merge.base_revision, role="base model", token=options.publish.token)
     base = open_checkpoint(model.path)
