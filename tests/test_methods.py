@@ -276,3 +276,19 @@ def test_exact_dot_is_exact():
     for at in range(0, x.size, 777):
         dot.add(x[at : at + 777], y[at : at + 777])
     assert dot.value() == sum(map(Fraction, (x.astype(np.float64) * y).tolist()), Fraction(0))
+
+
+def test_ties_on_a_compressed_residual(llama, tmp_path, small_blocks):
+    """A lowrank residual read through its block readers (re-read by the threshold passes, digests still
+    checked once): ties of the decoded R, against the reference on the decoded tensors."""
+    from hf_residual.codecs.folders import decoded_tensors
+
+    residual = api.extract(llama.instruct, llama.base, tmp_path / "r", codec="lowrank:8", progress=False)
+    result = api.apply(residual.output, llama.cpt, tmp_path / "a", method="ties:density=0.4", base=llama.base)
+    t, b = load_tensors(llama.cpt), load_tensors(llama.base)
+    want = {}
+    for name, r in decoded_tensors(residual.output):
+        d = as_f32(t[name]) - as_f32(b[name])
+        kept = torch.from_numpy(ties_reference(r.reshape(-1).astype(np.float32), d, 0.4))
+        want[name] = (t[name].float() + kept.reshape(t[name].shape)).to(t[name].dtype)
+    assert_same(result.output, want)

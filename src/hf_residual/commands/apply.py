@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--base",
         metavar="BASE",
-        help="the model the residual was extracted from; read only by --method ties (it elects signs "
-        f"against D = TARGET - BASE): {MODEL_HELP}",
+        help="the model the residual was extracted from; read only by --method ties and orthogonal (they "
+        f"use the CPT update D = TARGET - BASE): {MODEL_HELP}",
     )
     add_revision(parser, "--base-revision", "the base", "BASE")
     add_force(parser)
