@@ -134,8 +134,8 @@ def settle() -> None:
     time.sleep(0.5)
 
 
-def timed(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Run under /usr/bin/time -v: (wall seconds, peak RSS GiB, output tail)."""
+def timed(command: list[str], env: dict | None = None) -> tuple[float, float, str, float]:
+    """Run under /usr/bin/time -v: (wall seconds, peak RSS GiB, output tail, CPU seconds user+system)."""
     settle()
     started = time.perf_counter()
     done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=env)
@@ -143,7 +143,15 @@ def timed(command: list[str], env: dict | None = None) -> tuple[float, float, st
     if done.returncode != 0:
         raise RuntimeError(f"{command[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-    return wall, rss_kb / 1024**2, done.stdout[-500:]
+    cpu = sum(
+        float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", done.stderr).group(1))
+        for kind in ("User", "System")
+    )
+    return wall, rss_kb / 1024**2, done.stdout[-500:], cpu
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def folder_bytes(folder: Path) -> int:
@@ -183,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mergekit-python", help="python of a venv with mergekit installed")
     parser.add_argument("--residuals-python", help="python of a venv with the PyPI residuals package")
     parser.add_argument("--repeat", type=int, default=1, help="runs of hf-residual (best is reported)")
+    parser.add_argument(
+        "--baseline-src",
+        action="append",
+        default=[],
+        help="(repeatable) a src/ folder of another hf-residual version (e.g. `git archive REV src | tar -x -C /tmp/old`, "
+        "then /tmp/old/src), run alternately with this one, so both are measured under the same load",
+    )
     args = parser.parse_args(argv)
 
     shape = dict(SHAPES[args.shape])
@@ -203,33 +218,37 @@ def main(argv: list[str] | None = None) -> int:
 
     read_all(inputs)  # warm the page cache
     outputs = Path(tempfile.mkdtemp(prefix="port-speed-", dir=args.workdir))
-    read_s = min(read_all(inputs) for _ in range(2))
-    write_s = min(write_bytes(outputs, out_bytes) for _ in range(2))
-    floor = read_s + write_s
-    rows = [("I/O floor (read inputs + write output)", floor, None)]
+    reads = [read_all(inputs) for _ in range(2)]
+    writes = [write_bytes(outputs, out_bytes) for _ in range(2)]
 
     hf_out = outputs / "hf-residual"
-    best = None
+    # (label, PYTHONPATH or None): this tree, and --baseline-src alternating with it run by run
+    variants = [("hf-residual port", None)]
+    for src in args.baseline_src:
+        variants.append((f"hf-residual port, {src}", str(Path(src).absolute())))
+    runs: dict[str, list[tuple[float, float, str, float]]] = {label: [] for label, _ in variants}
+    print(f"load average before: {load_average()}", flush=True)
     for _ in range(args.repeat):
-        shutil.rmtree(hf_out, ignore_errors=True)  # deleting the last output is not part of the run
-        run = timed(
-            [
-                sys.executable,
-                "-m",
-                "hf_residual.cli",
-                "port",
-                str(instruct),
-                "--base",
-                str(base),
-                "--to",
-                str(cpt),
-                "-o",
-                str(hf_out),
-                "-q",
-            ]
+        reads.append(read_all(inputs))  # the floor is measured between the runs too, under the same load
+        writes.append(write_bytes(outputs, out_bytes))
+        for label, src in variants:
+            shutil.rmtree(hf_out, ignore_errors=True)  # deleting the last output is not part of the run
+            env = None if src is None else {**os.environ, "PYTHONPATH": src}
+            command = [sys.executable, "-m", "hf_residual.cli", "port", str(instruct), "--base", str(base)]
+            runs[label].append(timed([*command, "--to", str(cpt), "-o", str(hf_out), "-q"], env=env))
+    print(f"load average after: {load_average()}", flush=True)
+    read_s, write_s = min(reads), min(writes)
+    floor = read_s + write_s
+    rows = [("I/O floor (read inputs + write output)", floor, None)]
+    for label, _ in variants:
+        best = min(runs[label])
+        rows.append((label, best[0], best[1]))
+        walls = sorted(run[0] for run in runs[label])
+        cpus = sorted(run[3] for run in runs[label])
+        print(
+            f"{label}: wall {' '.join(f'{w:.2f}' for w in walls)} s (median {walls[len(walls) // 2]:.2f}); "
+            f"CPU user+sys {' '.join(f'{c:.2f}' for c in cpus)} s"
         )
-        best = run if best is None or run[0] < best[0] else best
-    rows.append(("hf-residual port", best[0], best[1]))
 
     notes = []
     if args.mergekit_python:
@@ -242,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         mergekit_yaml = str(Path(args.mergekit_python).parent / "mergekit-yaml")
         mk_out = outputs / "mergekit"
         try:
-            wall, rss, _ = timed([mergekit_yaml, str(config), str(mk_out)])
+            wall, rss, *_ = timed([mergekit_yaml, str(config), str(mk_out)])
             rows.append(("mergekit task_arithmetic", wall, rss))
             notes.append(f"hf-residual vs mergekit output: {compare_outputs(hf_out, mk_out)}")
         except RuntimeError as error:
@@ -255,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             "r.apply(base_model=sys.argv[3], out_dir=sys.argv[4], model_dtype=torch.bfloat16)\n"
         )
         try:
-            wall, rss, _ = timed(
+            wall, rss, *_ = timed(
                 [
                     args.residuals_python,
                     "-c",
