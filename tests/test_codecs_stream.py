@@ -150,14 +150,18 @@ def test_port_from_a_compressed_residual_equals_the_whole_tensor_reference_bit_f
         assert torch.equal(bits(got[name]), bits(values)), (spec, name)
 
 
-def test_extract_with_a_codec_writes_no_float32_folder_and_encodes_the_exact_residual(llama, tmp_path):
-    """The parts equal those encoded from a float32 residual folder: the exact values are the engine's."""
+def test_extract_with_a_codec_writes_no_float32_folder_and_encodes_the_exact_residual(
+    llama, tmp_path, monkeypatch
+):
+    """No folder but the output's staging appears, the probe included; the parts equal those encoded from
+    a float32 residual folder (the exact values are the engine's)."""
     parent = tmp_path / "models"
     parent.mkdir()
     tmpdir = tmp_path / "system-tmp"
     tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
     with Watch(parent, tmpdir) as watch:
-        api.extract(llama.instruct, llama.base, parent / "r", codec="sparse:0.3", progress=False)
+        api.extract(llama.instruct, llama.base, parent / "r", codec="sparse:0.3", probe=True, progress=False)
     strays = [p.name for p in watch.seen if p.name != "r" and not p.name.startswith(".r.partial-")]
     assert strays == [] and any(p.name.startswith(".r.partial-") for p in watch.seen), watch.seen
     exact = api.extract(llama.instruct, llama.base, tmp_path / "exact", dtype="float32", progress=False)

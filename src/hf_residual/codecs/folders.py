@@ -64,7 +64,7 @@ def encode_tensors(
     ``manifest``: the exact residual's (shapes, norms, samples); ``exact`` yields its tensors by name.
     Each stored part's sha256 is recorded (``part_sha256``; a dense tensor's ``stored_sha256``) for the
     stream readers to check (``stream``); ``sha256`` stays the digest of the decoded float32 tensor as
-    versions before 0.x computed it, so they can still read the residual.
+    earlier versions (without part digests) computed it, so they can still read the residual.
     """
     check_shapes(codec, manifest)
     writer = ShardWriter(out, WEIGHTS_PREFIX, max_shard_bytes)
