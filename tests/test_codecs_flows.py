@@ -259,17 +259,18 @@ def test_lossy_extract_and_apply_need_neither_torch_nor_transformers(llama, tmp_
 def test_a_wrong_target_is_refused_before_the_residual_is_decoded(
     families, llama, lowrank, tmp_path, monkeypatch, wrong
 ):
-    """Decoding a compressed residual is slow and needs disk: the target is checked from the manifest first.
+    """The target is checked from the manifest and headers before any stored part is read.
 
-    ``decode_folder`` is replaced by a spy that fails the test if decoding starts before the refusal.
+    ``stream.Decoder.open`` (where a block reader starts reading parts) is replaced by a spy that fails the
+    test if decoding starts before the refusal.
     """
-    from hf_residual.codecs import folders
+    from hf_residual.codecs import stream
     from hf_residual.errors import IncompatibleModelsError, NotADescendantError
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("the residual was decoded before the target was checked")
 
-    monkeypatch.setattr(folders, "decode_folder", no_decoding)
+    monkeypatch.setattr(stream.Decoder, "open", no_decoding)
     if wrong == "architecture":
         target, expected = families("qwen2", "bfloat16").cpt, IncompatibleModelsError
         message = "the target is a 'qwen2' model .* but the residual's base is a 'llama' model"
