@@ -60,6 +60,10 @@ def summarise(result, size: str) -> dict:
                 cell[f"{kind}_if_share"] = r["if_strict"] / instruct_if if instruct_if else None
                 cell[f"{kind}_know_share"] = r["know_b"] / row["know_b"] if row["know_b"] else None
         out["cpt"][label] = cell
+    from hf_residual.demo import report
+
+    if (docchat := report.docchat_check(result.rows)) is not None:
+        out["docchat"] = {k: v for k, v in docchat.items() if k != "items"}
     return out
 
 
@@ -93,6 +97,17 @@ def markdown(summaries: list[dict]) -> str:
                 f"| {s['size']} | {s['parameters']:,} | {s['seed']} | {label} | {s['instruct_if']:.2f} | "
                 f"{c['cpt_instruct_if']:.2f} | {c['ported_if']:.2f} | {c['ported_if_share']:.0%} | "
                 f"{c['ported_know_share']:.0%} | {tuned[0]} | {tuned[1]} |"
+            )
+    lines += [
+        "",
+        "| shape | parameters | seed | derived doc QA | derived + residual doc QA | derived IF | derived + residual IF |",
+        "|" + "---|" * 7,
+    ]
+    for s in summaries:
+        if d := s.get("docchat"):
+            lines.append(
+                f"| {s['size']} | {s['parameters']:,} | {s['seed']} | {d['skill_derived']:.2f} | "
+                f"{d['skill_ported']:.2f} | {d['if_derived']:.2f} | {d['if_ported']:.2f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -135,6 +150,7 @@ def figure(summaries: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    from hf_residual.commands.demo import demo_tuner
     from hf_residual.demo import get_profile, run_demo
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -145,6 +161,7 @@ def main() -> None:
     parser.add_argument("--output", default="/tmp/hfr-scale", help="one demo folder per shape and seed here")
     parser.add_argument("--figure", default=None, help="PNG of port quality against size (default: OUTPUT/)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
+    parser.add_argument("--tune-budget", type=int, default=None, help="tuned rows' budget (default: quick's)")
     args = parser.parse_args()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -152,6 +169,10 @@ def main() -> None:
     for size in args.sizes:
         for seed in args.seeds:
             prof = get_profile("quick").with_changes(name=f"scale-{size}", shape=shape_of(size))
+            if args.tune_budget is not None:
+                prof = prof.with_changes(tune_budget=args.tune_budget)
+            # the world only depends on quick's entity counts, so quick's probes are this world's
+            tuner = demo_tuner("quick", seed) if prof.tune_budget else None
             started = time.perf_counter()
             result = run_demo(
                 output / f"{size}-seed{seed}",
@@ -159,6 +180,7 @@ def main() -> None:
                 seed=seed,
                 threads=args.threads,
                 log=lambda _: None,
+                tuner=tuner,
             )
             summary = summarise(result, size)
             summary["wall_s"] = round(time.perf_counter() - started, 1)

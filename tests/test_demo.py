@@ -169,14 +169,39 @@ def test_cli_rejects_a_bad_setting_before_building_anything(tmp_path, capsys):
     assert not out.exists()
 
 
-# The tiny family with the DocChat stage on (the tiny profile leaves it out, for the Space's first start).
-TINY_DOCCHAT = {"docchat_train": 1600}
+# The tiny family with the DocChat stage and the tuned rows on (the tiny profile leaves both out, for the
+# Space's first start), tuned by the tuner `hf-residual demo` passes.
+TINY_EXTRAS = {"docchat_train": 1600, "tune_budget": 2}
 
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
+    from hf_residual.commands.demo import demo_tuner
+
     out = tmp_path_factory.mktemp("demo") / "tiny"
-    return run_demo(out, profile=get_profile("tiny").with_changes(**TINY_DOCCHAT), seed=0, log=lambda _: None)
+    prof = get_profile("tiny").with_changes(**TINY_EXTRAS)
+    return run_demo(out, profile=prof, seed=0, log=lambda _: None, tuner=demo_tuner("tiny", 0))
+
+
+def test_tuned_rows_come_from_the_tuned_recipe_and_are_no_worse_than_alpha_1(tiny_demo):
+    """The tuned rows: `hf-residual tune` searched at the largest CPT size on the demo's probes, its recipe
+    ported at every size; on the table's own probes the chosen recipe is no worse than alpha = 1 on both."""
+    from hf_residual.demo import cache, report
+    from hf_residual.ops.recipe import Recipe
+
+    rows = {r["model"]: r for r in tiny_demo.rows}
+    recipe = Recipe.load(tiny_demo.output / "tune" / "recipe.yaml")
+    assert cache.read_info(tiny_demo.output / "models" / "tuned-S")["recipe"] == recipe.port_kwargs()
+    assert rows["tuned-S"]["role"] == "CPT'd base + residual (tuned recipe)"
+    assert rows["tuned-S"]["if_strict"] >= rows["ported-S"]["if_strict"]
+    assert rows["tuned-S"]["know_b"] >= rows["ported-S"]["know_b"]
+    import matplotlib.pyplot as plt
+
+    fig = report.figure(tiny_demo.rows, get_profile("tiny"))
+    try:
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()][-1] == "base + residual, tuned"
+    finally:
+        plt.close(fig)
 
 
 def _greedy_share(model_dir, items: list[dict]) -> float:

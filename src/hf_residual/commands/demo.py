@@ -49,6 +49,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--alpha", type=float, help="scale of the residual added to the CPT'd base")
     parser.add_argument(
+        "--tune-budget",
+        type=int,
+        metavar="N",
+        help="candidates `hf-residual tune` searches at the largest CPT size for the tuned rows "
+        "(0: no tuned rows; default: the profile's, 4 in quick; needs the tune extra)",
+    )
+    parser.add_argument(
         "--check", action="store_true", help="exit with status 1 when the required pattern is not met"
     )
     parser.set_defaults(func=run)
@@ -62,10 +69,12 @@ def run(args: argparse.Namespace) -> int:
         "cpt_decay": args.cpt_decay,
         "cpt_replay": args.replay,
         "alpha": args.alpha,
+        "tune_budget": args.tune_budget,
     }
     profile = get_profile(args.profile).with_changes(**{k: v for k, v in overrides.items() if v is not None})
+    tuner = demo_tuner(args.profile, args.seed) if profile.tune_budget else None
     result = run_demo(
-        args.output, profile=profile, seed=args.seed, rebuild=args.rebuild, threads=args.threads
+        args.output, profile=profile, seed=args.seed, rebuild=args.rebuild, threads=args.threads, tuner=tuner
     )
     print()
     environment = report.environment_text(result.environment)
@@ -84,3 +93,36 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"models in {result.output / 'models'}; report: " + ", ".join(result.files.values()))
     return 1 if args.check and not result.passed else 0
+
+
+def demo_tuner(profile: str, seed: int):
+    """The demo's ``tuner``: ``hf_residual.tune.tune`` on the demo's own probes (its held-out format prompts
+    and B's facts: the items the table reports, so the tuned rows are selected on them), seeded; None with
+    a note when the tune extra (optuna) is missing."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        print(
+            "note: no tuned rows: `hf-residual tune` needs the tune extra (pip install 'hf-residual[tune]')"
+        )
+        return None
+
+    def tuner(instruct, base, target, output, budget: int):
+        from hf_residual.tune import demo_probes, tune
+
+        probes = demo_probes(profile, seed)
+        found = tune(
+            instruct,
+            base,
+            target,
+            probes=probes,
+            budget=budget,
+            output=output,
+            seed=seed,
+            references=False,
+            progress=False,
+            log=lambda _: None,
+        )
+        return found.recipe
+
+    return tuner

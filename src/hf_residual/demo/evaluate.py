@@ -8,10 +8,12 @@ as most statements do in the corpora: a name's first token differs with and with
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from hf_residual.demo import instructions
-from hf_residual.demo.world import ChatItem, Fact
+from hf_residual.demo import cache, instructions, training
+from hf_residual.demo.world import ChatItem, Fact, World
 
 # Part of the cached scores' key: bump when scoring changes.
 VERSION = "5"  # 4, 5: one verifier (hf_residual.evaluation.verifiers, IFEval checkers)
@@ -106,3 +108,27 @@ def knowledge(model, tokenizer, facts: list[Fact], batch_size: int = 128) -> flo
             guess = predicted[j, start - 1 : start - 1 + length]
             correct += bool(torch.equal(target, guess))
     return correct / len(facts)
+
+
+def model_scores(path: Path, tok, w: World, max_new_tokens: int, eval_key: str) -> dict:
+    """Scores of one model folder, cached beside it under the evaluation's key."""
+    stamp = path / "demo-eval.json"
+    if stamp.is_file():
+        saved = json.loads(stamp.read_text())
+        if saved.get("key") == eval_key and saved.get("stage") == cache.read_info(path).get("key"):
+            return saved["scores"]
+    model = training.load_model(path)
+    if_a = instruction_following(model, tok, w.eval_a, max_new_tokens)
+    if_b = instruction_following(model, tok, w.eval_b, max_new_tokens)
+    scores = {
+        "if_a_strict": if_a.strict,
+        "if_b_strict": if_b.strict,
+        "if_strict": (if_a.strict + if_b.strict) / 2,
+        "if_loose": (if_a.loose + if_b.loose) / 2,
+        "know_a": knowledge(model, tok, w.a_facts),
+        "know_b": knowledge(model, tok, w.b_facts),
+        "samples": (if_a.samples[:4] + if_b.samples[:4]),
+    }
+    stage_key = cache.read_info(path).get("key")
+    stamp.write_text(json.dumps({"key": eval_key, "stage": stage_key, "scores": scores}, indent=2) + "\n")
+    return scores

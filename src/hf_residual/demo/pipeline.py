@@ -7,7 +7,6 @@ the same engine users run. Times are measured per stage and returned with the re
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -121,6 +120,7 @@ class _Build:
         self.keys: dict[str, str] = {}
         self.paths: dict[str, Path] = {}
         self.skill_task: Path | None = None  # the DocChat skill's lm-eval task folder (``derived``)
+        self.recipe: dict | None = None  # the tuned recipe's port settings (``tuned``)
 
     def _stage(self, name: str, kind: str, settings: dict, *parents: str) -> bool:
         """Record stage ``name``'s cache key and folder; whether it must be built."""
@@ -274,12 +274,49 @@ class _Build:
                         self.paths[name], self.keys[name], {"distance": result.details["distance"]}
                     )
 
+    def tuned(self, tuner: Callable | None) -> None:
+        """``tuner(instruct, base, target, output, budget)`` -> a Recipe (``hf_residual.tune`` behind it,
+        given by the caller: the demo's layer does not import tune) searched at the largest CPT size, then
+        ported at every size as ``tuned-<size>``."""
+        prof = self.prof
+        if tuner is None or not prof.tune_budget:
+            return
+        from hf_residual.ops.port import port
+
+        with self.clock.stage("tune (hf_residual.tune)"):
+            largest = f"cpt-base-{prof.labels[-1]}"
+            paths = self.paths
+            recipe = tuner(
+                paths["instruct"],
+                paths["base"],
+                paths[largest],
+                self.models.parent / "tune",
+                prof.tune_budget,
+            )
+            settings = {"recipe": recipe.port_kwargs()}
+            for label in prof.labels:
+                name, cpt = f"tuned-{label}", f"cpt-base-{label}"
+                parents = (self.keys["instruct"], self.keys["base"], self.keys[cpt])
+                if self._stage(name, "tuned", settings, *parents):
+                    kwargs = recipe.port_kwargs()
+                    port(
+                        paths["instruct"],
+                        paths[cpt],
+                        paths[name],
+                        base=paths["base"],
+                        overwrite=True,
+                        progress=False,
+                        **kwargs,
+                    )
+                    cache.mark_built(paths[name], self.keys[name], settings)
+            self.recipe = settings["recipe"]
+
     def scores(self) -> dict[str, dict]:
         prof, data = self.prof, self.data
         with self.clock.stage("evaluation"):
             eval_key = cache.key("eval", _settings(prof, "max_new_tokens"), data.key, evaluate.VERSION)
             scores = {
-                name: _evaluate(path, data.tok, data.world, prof, eval_key)
+                name: evaluate.model_scores(path, data.tok, data.world, prof.max_new_tokens, eval_key)
                 for name, path in self.paths.items()
             }
         if "derived" in self.paths:
@@ -315,8 +352,12 @@ def run_demo(
     rebuild: bool = False,
     threads: int = 1,
     log: Callable[[str], None] = print,
+    tuner: Callable | None = None,
 ) -> DemoResult:
-    """Build (or reuse) the demo family under ``output``, evaluate every model and write the report."""
+    """Build (or reuse) the demo family under ``output``, evaluate every model and write the report.
+
+    ``tuner``: adds the tuned rows (``_Build.tuned``); ``hf_residual.commands.demo.demo_tuner`` is the one
+    ``hf-residual demo`` passes."""
     import torch
 
     started = time.perf_counter()
@@ -335,6 +376,7 @@ def run_demo(
         build.derived()
         build.continual_pretraining()
         build.ported()
+        build.tuned(tuner)
         scores = build.scores()
         with clock.stage("report"):
             rows = report.table_rows(scores, prof)
@@ -364,27 +406,3 @@ def _quiet_progress_bars() -> bool:
     shown = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     return shown
-
-
-def _evaluate(path: Path, tok, w: world.World, prof: Profile, eval_key: str) -> dict:
-    """Scores of one model folder, cached beside it under the evaluation's key."""
-    stamp = path / "demo-eval.json"
-    if stamp.is_file():
-        saved = json.loads(stamp.read_text())
-        if saved.get("key") == eval_key and saved.get("stage") == cache.read_info(path).get("key"):
-            return saved["scores"]
-    model = training.load_model(path)
-    if_a = evaluate.instruction_following(model, tok, w.eval_a, prof.max_new_tokens)
-    if_b = evaluate.instruction_following(model, tok, w.eval_b, prof.max_new_tokens)
-    scores = {
-        "if_a_strict": if_a.strict,
-        "if_b_strict": if_b.strict,
-        "if_strict": (if_a.strict + if_b.strict) / 2,
-        "if_loose": (if_a.loose + if_b.loose) / 2,
-        "know_a": evaluate.knowledge(model, tok, w.a_facts),
-        "know_b": evaluate.knowledge(model, tok, w.b_facts),
-        "samples": (if_a.samples[:4] + if_b.samples[:4]),
-    }
-    stage_key = cache.read_info(path).get("key")
-    stamp.write_text(json.dumps({"key": eval_key, "stage": stage_key, "scores": scores}, indent=2) + "\n")
-    return scores

@@ -52,6 +52,9 @@ class Profile:
     docchat_epochs: int = 3
     docchat_lr: float = 1e-3
     docchat_replay: int = 8  # rows of corpus A plain text added to each batch
+    # Tuned rows (hf_residual.tune, given to run_demo as ``tuner``): candidates searched on the largest CPT
+    # size; the chosen recipe is ported at every size as ``tuned-<size>``. 0 leaves them out.
+    tune_budget: int = 4
     max_new_tokens: int = 28  # the longest canonical reply is about 22 tokens
     labels: tuple[str, ...] = field(default=("S", "M", "L"))
 
@@ -87,6 +90,7 @@ PROFILES = {
         cpt_replay=0.0,
         labels=("S",),
         docchat_train=0,  # the default tests and the Space's first start stay fast
+        tune_budget=0,
     ),
     "quick": Profile(
         name="quick",

@@ -43,6 +43,8 @@ def table_rows(scores: dict[str, dict], prof: Profile) -> list[dict]:
             (f"cpt-instruct-{label}", "CPT'd instruct", tokens),
             (f"ported-{label}", "CPT'd base + residual", tokens),
         ]
+        if f"tuned-{label}" in scores:
+            order.append((f"tuned-{label}", "CPT'd base + residual (tuned recipe)", tokens))
     if "derived" in scores:
         order += [("derived", "derived (base + doc QA)", 0), ("derived-ported", "derived + residual", 0)]
     rows = []
@@ -228,7 +230,9 @@ def figure(rows: list[dict], prof: Profile):
         "instruct": ["instruct", *[f"cpt-instruct-{s}" for s in prof.labels]],
         "base + residual": ["instruct", *[f"ported-{s}" for s in prof.labels]],
     }
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    if all(f"tuned-{s}" in by_name for s in prof.labels):
+        groups["base + residual, tuned"] = ["instruct", *[f"tuned-{s}" for s in prof.labels]]
+    fig, axes = plt.subplots(1, 2, figsize=(10 + 2.5 * (len(groups) - 3), 4.4))
     for ax, metric, title, ylabel in (
         (axes[0], "if_strict", "(a) Instruction following", "share of format instructions followed"),
         (axes[1], "know_b", "(b) Knowledge of B", "share of corpus B facts recalled"),
