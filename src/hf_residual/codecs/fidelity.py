@@ -37,9 +37,14 @@ class ErrorSummary:
     error_power: float = 0.0
     power: float = 0.0
 
-    def add(self, name: str, exact: np.ndarray, approx: np.ndarray) -> None:
-        diff = (exact - approx).astype(np.float64).ravel()
-        err, norm = float(diff @ diff), float(np.sum(exact.astype(np.float64) ** 2))
+    def add(self, name: str, exact: np.ndarray, approx: np.ndarray, chunk: int = 1 << 20) -> None:
+        """In chunks of ``chunk`` elements, so the float64 temporaries stay small (an embedding is 1e8+)."""
+        exact, approx = exact.reshape(-1), approx.reshape(-1)
+        err = norm = 0.0
+        for at in range(0, exact.size, chunk):
+            x = exact[at : at + chunk].astype(np.float64)
+            diff = x - approx[at : at + chunk]
+            err, norm = err + float(diff @ diff), norm + float(x @ x)
         self.error_power += err
         self.power += norm
         self.errors[name] = (err / norm) ** 0.5 if norm else (0.0 if err == 0 else float("inf"))
