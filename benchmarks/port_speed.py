@@ -113,8 +113,12 @@ def read_all(files: list[Path]) -> float:
     return time.perf_counter() - started
 
 
-def write_bytes(folder: Path, nbytes: int) -> float:
-    """Write ``nbytes`` (like the output) in 8 MB chunks, without fsync, as the tools do."""
+def write_bytes(folder: Path, nbytes: int, fsync: bool = False) -> float:
+    """Write ``nbytes`` (like the output) in 8 MB chunks; with ``fsync``, until they are on the disk.
+
+    Without fsync is the floor the tools are compared with (as in earlier results); hf-residual fsyncs its
+    output before publishing it (durability), so the fsync row says what the disk itself allows.
+    """
     chunk = os.urandom(8 * 1024 * 1024)
     path = folder / "floor.bin"
     settle()
@@ -123,9 +127,22 @@ def write_bytes(folder: Path, nbytes: int) -> float:
         left = nbytes
         while left > 0:
             left -= handle.write(memoryview(chunk)[: min(left, len(chunk))])
+        if fsync:
+            os.fsync(handle.fileno())
     elapsed = time.perf_counter() - started
     path.unlink()
     return elapsed
+
+
+def evict(files: list[Path]) -> None:
+    """Drop these files' pages from the page cache (``--cold``), leaving every other file's cached."""
+    os.sync()
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def settle() -> None:
@@ -192,6 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--residuals-python", help="python of a venv with the PyPI residuals package")
     parser.add_argument("--repeat", type=int, default=1, help="runs of hf-residual (best is reported)")
     parser.add_argument(
+        "--env-variant",
+        action="append",
+        default=[],
+        help="(repeatable) KEY=VALUE: also run this tree with that environment variable, alternately "
+        "(e.g. HF_RESIDUAL_PREFETCH_MB=0)",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the family's input files from the page cache before every run and floor read "
+        "(posix_fadvise DONTNEED on those files only)",
+    )
+    parser.add_argument(
         "--baseline-src",
         action="append",
         default=[],
@@ -218,28 +248,38 @@ def main(argv: list[str] | None = None) -> int:
 
     read_all(inputs)  # warm the page cache
     outputs = Path(tempfile.mkdtemp(prefix="port-speed-", dir=args.workdir))
-    reads = [read_all(inputs) for _ in range(2)]
+    reads = [] if args.cold else [read_all(inputs) for _ in range(2)]
     writes = [write_bytes(outputs, out_bytes) for _ in range(2)]
+    durable: list[float] = []
 
     hf_out = outputs / "hf-residual"
-    # (label, PYTHONPATH or None): this tree, and --baseline-src alternating with it run by run
-    variants = [("hf-residual port", None)]
+    # (label, extra environment): this tree, then --baseline-src and --env-variant, alternating run by run
+    variants: list[tuple[str, dict]] = [("hf-residual port", {})]
     for src in args.baseline_src:
-        variants.append((f"hf-residual port, {src}", str(Path(src).absolute())))
+        variants.append((f"hf-residual port, {src}", {"PYTHONPATH": str(Path(src).absolute())}))
+    for assignment in args.env_variant:
+        key, _, value = assignment.partition("=")
+        variants.append((f"hf-residual port, {assignment}", {key: value}))
     runs: dict[str, list[tuple[float, float, str, float]]] = {label: [] for label, _ in variants}
+    cold = inputs if args.cold else []
     print(f"load average before: {load_average()}", flush=True)
     for _ in range(args.repeat):
+        evict(cold)
         reads.append(read_all(inputs))  # the floor is measured between the runs too, under the same load
         writes.append(write_bytes(outputs, out_bytes))
-        for label, src in variants:
+        durable.append(write_bytes(outputs, out_bytes, fsync=True))
+        for label, extra in variants:
             shutil.rmtree(hf_out, ignore_errors=True)  # deleting the last output is not part of the run
-            env = None if src is None else {**os.environ, "PYTHONPATH": src}
+            env = {**os.environ, **extra}
+            evict(cold)
             command = [sys.executable, "-m", "hf_residual.cli", "port", str(instruct), "--base", str(base)]
             runs[label].append(timed([*command, "--to", str(cpt), "-o", str(hf_out), "-q"], env=env))
     print(f"load average after: {load_average()}", flush=True)
     read_s, write_s = min(reads), min(writes)
     floor = read_s + write_s
     rows = [("I/O floor (read inputs + write output)", floor, None)]
+    if durable:
+        rows.append(("I/O floor, output fsynced (durable)", read_s + min(durable), None))
     for label, _ in variants:
         best = min(runs[label])
         rows.append((label, best[0], best[1]))
@@ -294,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'tool':40} {'wall s':>8} {'peak RSS GiB':>13} {'GB/s in+out':>12} {'x floor':>8} {'x hf-residual':>14}"
     )
-    hf_wall = rows[1][1]
+    hf_wall = next(wall for name, wall, _ in rows if name == "hf-residual port")
     for name, wall, rss in rows:
         rss_text = f"{rss:.2f}" if rss is not None else "-"
         print(
