@@ -240,7 +240,7 @@ def test_docchat_skill_is_measured_as_card_skill_tasks_expects(tiny_demo):
     assert rows["derived"]["skill"] >= max(rows["base"]["skill"], rows["instruct"]["skill"]) + 0.2
     for name in ("base", "instruct", "derived", "derived-ported"):
         path = out / "models" / name
-        (record,) = model_records([task_dir / "results"], str(path))
+        (record,) = model_records(list((task_dir / "results").iterdir()), str(path))
         assert record["task"]["task"] == docchat.TASK and record["settings"]["apply_chat_template"] is False
         assert record["lm_eval"]["results"][docchat.TASK][docchat.METRIC] == rows[name]["skill"]
         assert rows[name]["skill"] == _greedy_share(path, items), name

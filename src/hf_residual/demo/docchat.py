@@ -15,6 +15,7 @@ own skill: as an lm-eval task (written beside the models, with its data) run by 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import random
@@ -138,7 +139,10 @@ def _run_lm_eval(todo: dict[str, tuple[Path, str]], task_dir: Path, card: Path |
     from hf_residual.evaluation.runner import evaluate, task_manager
     from hf_residual.evaluation.suites import from_task_list
 
-    results = task_dir / "results"
+    # One results folder per set of weights measured: the card's table then compares these models only,
+    # not earlier builds of them (the runner keeps every model it ever saw in a folder).
+    weights = hashlib.sha256(" ".join(key for _, key in todo.values()).encode()).hexdigest()[:12]
+    results = task_dir / "results" / weights
     # lm-eval's and datasets' progress bars (stderr) would bury the demo's stage log; errors still raise.
     with lm_eval_output(), contextlib.redirect_stderr(io.StringIO()):
         manager = task_manager([task_dir], include_defaults=False)
