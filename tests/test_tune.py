@@ -13,6 +13,7 @@ import pytest
 from hf_residual.cli import main
 from hf_residual.demo import run_demo
 from hf_residual.errors import ConfigError, InputNotFoundError
+from hf_residual.ops.recipe import Recipe
 from hf_residual.tune import (
     Probes,
     QAPair,
@@ -141,6 +142,25 @@ def family(tmp_path_factory):
     }
 
 
+def _api_port(family: dict, out, **kwargs):
+    """The engine's port of the family's residual onto its target (the API, not the CLI)."""
+    from hf_residual.ops.port import port
+
+    return port(
+        family["instruct"],
+        family["target"],
+        out,
+        base=family["base"],
+        overwrite=True,
+        progress=False,
+        **kwargs,
+    ).output
+
+
+def _cli_port(family: dict) -> list[str]:
+    return ["port", str(family["instruct"]), "--to", str(family["target"]), "--base", str(family["base"])]
+
+
 @pytest.fixture(scope="module")
 def tuned(family, tmp_path_factory):
     out = tmp_path_factory.mktemp("tune") / "out"
@@ -174,8 +194,7 @@ def test_port_recipe_reproduces_the_chosen_candidate_no_worse_than_alpha_1(tuned
     """The chosen recipe, ported again by ``port --recipe`` and scored again, is no worse on either probe
     than the demo's own alpha = 1 port as the demo evaluates it."""
     recipe = tuned.output / "recipe.yaml"
-    args = ["port", str(family["instruct"]), "--to", str(family["target"]), "--base", str(family["base"])]
-    assert main([*args, "--recipe", str(recipe), "-o", str(tmp_path / "chosen"), "-q"]) == 0
+    assert main([*_cli_port(family), "--recipe", str(recipe), "-o", str(tmp_path / "chosen"), "-q"]) == 0
     chosen = scoring.score(tmp_path / "chosen", demo_probes("tiny", 0))
     assert (chosen["if"], chosen["knowledge"]) == (tuned.chosen["if"], tuned.chosen["knowledge"])
     alpha1 = family["rows"]["ported-S"]
@@ -189,25 +208,15 @@ def test_port_recipe_reproduces_the_chosen_candidate_no_worse_than_alpha_1(tuned
 def test_port_recipe_reproduces_every_tuned_candidate_bit_for_bit(tuned, family, tmp_path):
     """Each candidate's recipe through the CLI equals the API port with the candidate's settings; one with
     per-group alpha equals the independent float32 reference T + alpha_tensor * (I - B)."""
-    from hf_residual.ops.port import port
     from hf_residual.tune.search import recipe_of
 
     probes = demo_probes("tiny", 0)
     for record in [r for r in tuned.candidates if not candidate_of(r).is_default][:2]:
         path = recipe_of(record, tuned.reference, probes, "balanced").save(tmp_path / "r.yaml")
         shutil.rmtree(tmp_path / "cli", ignore_errors=True)
-        args = ["port", str(family["instruct"]), "--to", str(family["target"]), "--base", str(family["base"])]
-        assert main([*args, "--recipe", str(path), "-o", str(tmp_path / "cli"), "-q"]) == 0
-        api = port(
-            family["instruct"],
-            family["target"],
-            tmp_path / "api",
-            base=family["base"],
-            overwrite=True,
-            progress=False,
-            **candidate_of(record).port_kwargs(),
-        )
-        assert matches(tmp_path / "cli", load_tensors(api.output)), record["candidate"]
+        assert main([*_cli_port(family), "--recipe", str(path), "-o", str(tmp_path / "cli"), "-q"]) == 0
+        api = _api_port(family, tmp_path / "api", **candidate_of(record).port_kwargs())
+        assert matches(tmp_path / "cli", load_tensors(api)), record["candidate"]
     entries = space.alpha_for(0.9, {"embed": 0.5, "attn": 1.3, "early": 0.7}, {"early": (0,), "late": (1,)})
     recipe = recipe_of(
         {
@@ -219,17 +228,10 @@ def test_port_recipe_reproduces_every_tuned_candidate_bit_for_bit(tuned, family,
         probes,
         "balanced",
     )
-    out = port(
-        family["instruct"],
-        family["target"],
-        tmp_path / "groups",
-        base=family["base"],
-        progress=False,
-        **recipe.port_kwargs(),
-    )
+    out = _api_port(family, tmp_path / "groups", **recipe.port_kwargs())
     t, i, b = (load_tensors(family[k]) for k in ("target", "instruct", "base"))
     expected = {n: reference_port(t[n], i[n], b[n], _alpha_of(n, entries, 0.9)) for n in t}
-    assert matches(out.output, expected)
+    assert matches(out, expected)
     assert len({_alpha_of(n, entries, 0.9) for n in t}) >= 4
 
 
@@ -246,14 +248,8 @@ def test_rerun_evaluates_nothing_and_resume_continues_the_same_search(tuned, fam
     assert [r["key"] for r in again["front"]] == [r["key"] for r in tuned.front]
     card = (tmp_path / "ported" / "README.md").read_text()
     assert "## Tuned recipe" in card and (tuned.output / "recipe.yaml").read_text() in card
-    from hf_residual.ops.port import port
-    from hf_residual.ops.recipe import Recipe
-
-    kw = Recipe.load(tuned.output / "recipe.yaml").port_kwargs()
-    api = port(
-        family["instruct"], family["target"], tmp_path / "api", base=family["base"], progress=False, **kw
-    )
-    assert matches(tmp_path / "ported", load_tensors(api.output))
+    api = _api_port(family, tmp_path / "api", **Recipe.load(tuned.output / "recipe.yaml").port_kwargs())
+    assert matches(tmp_path / "ported", load_tensors(api))
     # A run killed after 3 candidates (its last line cut off) resumes: 1 evaluated, the same 4 candidates.
     resumed = tmp_path / "resumed"
     resumed.mkdir()

@@ -63,8 +63,13 @@ def choose(records: list[dict], reference: dict, prefer: str = "balanced") -> di
 
 
 def _settings(record: dict) -> str:
-    c = record["candidate"]
-    parts = [f"alpha {c['alpha']:g}"] + [f"`{p}`={v:g}".replace("|", "\\|") for p, v in c["alpha_for"]]
+    """The candidate in words: alpha, the group factors that are not 1 (else its regexes), the method."""
+    c, params = record["candidate"], record.get("params") or {}
+    factors = {k[2:]: v for k, v in params.items() if k.startswith("x_") and v != 1.0}
+    if factors or not c["alpha_for"]:
+        parts = [f"alpha {c['alpha']:g}"] + [f"{group} ×{v:g}" for group, v in factors.items()]
+    else:
+        parts = [f"alpha {c['alpha']:g}"] + [f"`{p}`={v:g}".replace("|", "\\|") for p, v in c["alpha_for"]]
     if c["method"] != "task_arithmetic":
         parts.append(c["method"])
     return ", ".join(parts)
@@ -124,8 +129,9 @@ def figure(
     ax.scatter(
         [chosen["knowledge"]], [chosen["if"]], s=160, facecolors="none", edgecolors="k", label="chosen"
     )
+    labels = {"instruct": "instruct model", "target": "target (not ported)"}
     for name, r in references.items():
-        ax.scatter([r["knowledge"]], [r["if"]], marker="x", s=60, label=name)
+        ax.scatter([r["knowledge"]], [r["if"]], marker="x", s=60, label=labels.get(name, name))
     ax.set_xlabel(
         "knowledge (exact completion)" if kind == "qa" else "knowledge (mean log-likelihood / token)"
     )

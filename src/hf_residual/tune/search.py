@@ -80,7 +80,7 @@ class _Evaluator:
         evaluation = {"version": EVAL_VERSION, "probes": probes.key(), "device": device}
         self.context = json.dumps({"models": ids, "evaluation": evaluation}, sort_keys=True)
 
-    def candidate(self, cand: Candidate, trial: int) -> dict:
+    def candidate(self, cand: Candidate, trial: int, params: dict) -> dict:
         from hf_residual.ops.port import port
 
         cache_key = key(cand.key_data(), self.context)
@@ -111,6 +111,7 @@ class _Evaluator:
                 "method": cand.method,
             },
             "trial": trial,
+            "params": params,  # the sampler's values (factors), for the table
             "seconds": round(time.perf_counter() - started, 2),
             **scores,
         }
@@ -152,7 +153,7 @@ def run_search(evaluator: _Evaluator, space, budget: int, seed: int, progress: b
     with tqdm(total=budget, desc="tune", unit="candidate", disable=not progress) as bar:
         for number in range(budget):
             trial = study.ask()
-            record = evaluator.candidate(suggest(trial, space), number)
+            record = evaluator.candidate(suggest(trial, space), number, dict(trial.params))
             study.tell(trial, [record["if"], record["knowledge"]])
             records.append(record)
             best = max(records, key=lambda r: (r["if"], r["knowledge"]))

@@ -18,7 +18,7 @@ from hf_residual.errors import ConfigError
 DIMENSIONS = ("alpha", "groups", "method")
 MODULES = {"embed": r"(^|\.)(embed_tokens|lm_head)\.", "attn": r"\.self_attn\.", "mlp": r"\.mlp\."}
 BANDS = ("early", "middle", "late")
-METHODS = ("task_arithmetic", "ties", "dare")
+METHODS = ("task_arithmetic", "ties", "dare", "orthogonal")
 ALPHA_RANGE = (0.5, 1.5, 0.05)
 FACTOR_RANGE = (0.5, 1.5, 0.1)
 DENSITY_RANGE = (0.2, 0.9, 0.1)
