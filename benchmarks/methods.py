@@ -1,5 +1,6 @@
 """What the merge methods cost ``port``, side by side in one run: task_arithmetic (fused kernels),
-per-tensor alpha (still fused), ties (numpy path, two threshold passes) and dare (numpy path, hashed mask).
+per-tensor alpha (still fused), ties (numpy path, two threshold passes), dare (numpy path, hashed mask)
+and orthogonal (numpy path, one exact dot-product pass).
 
 Builds (once) a toy Llama family in bfloat16 (``hf_residual.toy.build_family``; ``--hidden``/``--layers``
 set its size), then runs ``hf-residual port`` for each variant under ``/usr/bin/time -v`` (wall time and
@@ -24,6 +25,7 @@ VARIANTS = {
     "alpha_for (2 patterns)": ["--alpha-for", "embed_tokens|lm_head=0.5", "--alpha-for", r"layers\.0\.=1.2"],
     "dare:p=0.5,seed=0": ["--method", "dare:p=0.5,seed=0"],
     "ties:density=0.5": ["--method", "ties:density=0.5"],
+    "orthogonal": ["--method", "orthogonal"],
 }
 
 
