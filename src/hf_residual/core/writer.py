@@ -39,7 +39,8 @@ class Writer(threading.Thread):
     up when memory is short (measured: benchmarks/RESULTS.md).
     """
 
-    FLUSH_BYTES = 64 << 20
+    # HF_RESIDUAL_WRITEBACK_MB overrides (0: no early writeback; benchmarks)
+    FLUSH_BYTES = int(os.environ.get("HF_RESIDUAL_WRITEBACK_MB", "64")) << 20
 
     def __init__(self, buffers: int, block_bytes: int, checksum: str | None):
         super().__init__(daemon=True, name="hf-residual-writer")
@@ -105,7 +106,7 @@ class Writer(threading.Thread):
                         hasher.update(view)
                     cursor += nbytes
                     self.free.put(buffer)
-                    if cursor - self._flushed >= self.FLUSH_BYTES:
+                    if 0 < self.FLUSH_BYTES <= cursor - self._flushed:
                         start_writeback(self._handle.fileno(), self._flushed, cursor - self._flushed)
                         self._flushed = cursor
                 elif kind == "end_tensor":
