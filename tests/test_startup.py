@@ -136,3 +136,19 @@ def test_kernels_load_from_the_disk_cache():
     assert (misses, hits) == (0, 4), (
         f"second process: {misses} kernels compiled, {hits} loaded from the cache"
     )
+
+
+def test_without_numba_a_port_uses_the_numpy_path_with_the_same_bits(tmp_path, llama):
+    """Where numba cannot be imported, the lazy load says so (AVAILABLE False) and the numpy path runs."""
+    from helpers import matches, reference_folders
+
+    out = tmp_path / "ported"
+    body = (
+        "sys.modules['numba'] = None; "  # import numba now raises ImportError
+        f"from hf_residual.cli import main; code = main(['port', {str(llama.instruct)!r}, '--base', "
+        f"{str(llama.base)!r}, '--to', {str(llama.cpt)!r}, '-o', {str(out)!r}, '-q']); "
+        "from hf_residual.core import fused; assert fused.AVAILABLE is False and 'port_block' not in vars(fused)"
+    )
+    code, _, stderr = run_python(body)
+    assert code == 0, stderr
+    assert matches(out, reference_folders(llama.cpt, llama.instruct, llama.base))

@@ -34,8 +34,9 @@ _lock = threading.Lock()
 
 def __getattr__(name: str):
     if name == "AVAILABLE" or name in KERNELS:
-        load()
-        return globals()[name]
+        if load() or name == "AVAILABLE":
+            return globals()[name]
+        raise AttributeError(f"{__name__}.{name} is not available: numba could not be imported")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
