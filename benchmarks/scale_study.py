@@ -113,39 +113,62 @@ def markdown(summaries: list[dict]) -> str:
 
 
 def figure(summaries: list[dict], path: Path) -> None:
-    """Port quality against parameters: IF share of instruct and B-knowledge kept, per CPT size."""
+    """Port quality against parameters: IF share of instruct, B-knowledge kept (per CPT size, alpha = 1 and
+    tuned), and DocChat's doc-QA skill kept by derived + residual."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
     labels = sorted({label for s in summaries for label in s["cpt"]}, key="SML".find)
-    for ax, metric, title in (
-        (axes[0], "if_share", "(a) ported IF / instruct IF"),
-        (axes[1], "know_share", "(b) ported B-knowledge / CPT'd base's"),
-    ):
+    colours = dict(zip(labels, ("tab:blue", "tab:orange", "tab:green"), strict=False))
+    for ax, metric in ((axes[0], "if_share"), (axes[1], "know_share")):
         for label in labels:
-            for kind, style in (("ported", "-o"), ("tuned", "--s")):
+            for kind, style, face in (("ported", "-o", None), ("tuned", "--s", "none")):
                 points = sorted(
                     (s["parameters"], c[f"{kind}_{metric}"])
                     for s in summaries
                     if (c := s["cpt"].get(label)) and c.get(f"{kind}_{metric}") is not None
                 )
                 if points:
-                    name = "α = 1" if kind == "ported" else "tuned"
-                    ax.plot(*zip(*points, strict=True), style, label=f"{name}, CPT size {label}")
+                    name = "α = 1" if kind == "ported" else "tuned (hollow; on α = 1 where equal)"
+                    ax.plot(
+                        *zip(*points, strict=True),
+                        style,
+                        color=colours.get(label),
+                        markersize=5 if kind == "ported" else 10,
+                        markerfacecolor=face,
+                        label=f"{name}, CPT size {label}",
+                    )
+    docchat = sorted(
+        (
+            s["parameters"],
+            s["docchat"]["skill_ported"] / s["docchat"]["skill_derived"],
+            s["docchat"]["if_ported"],
+        )
+        for s in summaries
+        if s.get("docchat") and s["docchat"]["skill_derived"]
+    )
+    if docchat:
+        xs, kept, ifs = zip(*docchat, strict=True)
+        axes[2].plot(xs, kept, "-o", color="tab:red", label="DocChat: derived + residual doc QA / derived's")
+        axes[2].plot(xs, ifs, "-^", color="tab:purple", label="DocChat: derived + residual IF")
+    axes[2].set_title("(c) DocChat in miniature (α = 1)")
+    for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("parameters (log scale)")
         ax.set_ylabel("share")
         ax.set_ylim(0, 1.2)
         ax.axhline(1.0, color="grey", lw=0.5)
-        ax.set_title(title)
+    axes[0].set_title("(a) ported IF / instruct IF")
+    axes[1].set_title("(b) ported B-knowledge / CPT'd base's")
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle("hf-residual demo: port quality against model size (quick's world and recipe)")
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
-    fig.savefig(path, dpi=120)
+    more, more_names = axes[2].get_legend_handles_labels()
+    fig.legend(handles + more, names + more_names, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("hf-residual demo: port quality against model size (quick's world and recipe, seed 0)")
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

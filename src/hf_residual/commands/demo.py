@@ -19,7 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "ported with the same engine as `hf-residual port`. Every model is evaluated on instruction "
             "following (format checked by code) and knowledge of A and B; the table, results.md, "
             "results.json and figure.png are written to the output folder with the models (ordinary "
-            "transformers folders). Built models are cached there and reused when settings match. "
+            "transformers folders). quick and full also add tuned rows (`hf-residual tune` with a small budget, "
+            "its recipe ported at every CPT size) and DocChat in miniature (the paper's Table 4: the base "
+            "fine-tuned on answering from a passage, then given the residual; the skill measured by lm-eval "
+            "as `hf-residual card --skill-tasks` expects). Built models are cached there and reused when settings match. "
             "Profiles: quick (default, about a minute on 2 cores), full (larger, about 3 minutes; meets "
             "the required pattern on seed 0 only, see docs/DEMO.md), tiny (seconds, tests)."
         ),
