@@ -22,6 +22,13 @@ Usage::
 
     python benchmarks/codecs.py                                   # toy, hidden 256, 4 layers
     hf-residual demo --profile quick -o /tmp/demo && python benchmarks/codecs.py --demo /tmp/demo
+
+``--stream`` measures instead, on a 1.5B-shaped family (Qwen2.5-1.5B's dimensions in a Llama layout,
+written with numpy), ``hf-residual port RESIDUAL --to CPT`` side by side from a bfloat16, a bitdelta and
+a lowrank residual (``benchmarks/codecs_stream.py``): wall time, peak RSS and the largest temporary
+folder seen beside the output or in the system's temporary directory::
+
+    python benchmarks/codecs.py --stream --rank 64 --repeat 3
 """
 
 from __future__ import annotations
@@ -226,7 +233,18 @@ def main() -> None:
     parser.add_argument("--codecs", nargs="+", default=CODECS)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--stream", action="store_true", help="port speed/memory from compressed residuals")
+    parser.add_argument("--rank", type=int, default=64, help="with --stream: the lowrank residual's rank")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="with --stream: runs of each port (min, median)"
+    )
+    parser.add_argument("--stream-layers", type=int, default=28, help="with --stream: layers of the family")
     args = parser.parse_args()
+    if args.stream:
+        from codecs_stream import run_stream
+
+        run_stream(Path(args.workdir), args.rank, args.repeat, args.stream_layers)
+        return
     import torch
 
     torch.set_num_threads(args.threads)
