@@ -150,7 +150,7 @@ def run(args) -> list[dict]:
         row = {"codec": spec, "seconds": time.perf_counter() - started}
         fid = result.details.get("fidelity")
         if fid:  # a lossy codec
-            kl = fidelity.probe_kl(instruct, exact.output, folder, prompts)["mean_kl"]
+            kl = fidelity.probe_kl(instruct, _deltas(exact.output, folder), prompts)["mean_kl"]
             row.update(ratio=fid["ratio_to_bf16"], error=fid["errors"]["mean"], kl=kl, kl_share=kl / kl_none)
         else:  # bfloat16: the engine's own storage, compared here like a codec
             row.update(ratio=1.0, **_dense_fidelity(instruct, exact.output, folder, prompts, kl_none))
@@ -162,6 +162,17 @@ def run(args) -> list[dict]:
         rows.append(row)
         print(_line(row), flush=True)
     return rows
+
+
+def _deltas(exact: Path, folder: Path):
+    """``decode(R) - R`` per tensor of a compressed residual, against a float32 residual folder."""
+    from hf_residual.codecs.folders import decoded_tensors
+    from hf_residual.codecs.store import read_tensor
+    from hf_residual.core.checkpoint import open_checkpoint
+
+    exact_tensors = open_checkpoint(exact, prefix="residual").tensors
+    for name, values in decoded_tensors(folder):
+        yield name, values - read_tensor(exact_tensors[name])
 
 
 def _dense_fidelity(instruct: Path, exact: Path, folder: Path, prompts: list[str], kl_none: float) -> dict:
