@@ -28,7 +28,7 @@ from hf_residual.tune import (
 from hf_residual.tune.search import candidate_of
 from tests.helpers import load_tensors, matches, reference_port
 
-BUDGET = 4
+BUDGET = 5  # alpha = 1, the three other methods plain, one sampled candidate
 
 LLAMA = [
     "model.embed_tokens.weight",
@@ -187,7 +187,9 @@ def test_alpha_1_is_first_and_scored_as_the_demo_scores_its_port(tuned, family):
     assert tuned.references["instruct"]["if"] == family["rows"]["instruct"]["if_strict"]
     assert tuned.references["target"]["knowledge"] == family["rows"]["cpt-base-S"]["know_b"]
     assert tuned.evaluated == BUDGET and len(tuned.candidates) == BUDGET
-    assert len({json.dumps(r["candidate"]) for r in tuned.candidates}) > 1
+    methods = [r["candidate"]["method"] for r in tuned.candidates[:4]]
+    assert methods == ["task_arithmetic", "orthogonal", "ties:density=0.5", "dare:p=0.5,seed=0"]
+    assert tuned.candidates[4]["params"]  # sampled: its group factors are recorded
 
 
 def test_port_recipe_reproduces_the_chosen_candidate_no_worse_than_alpha_1(tuned, family, tmp_path):
@@ -211,7 +213,7 @@ def test_port_recipe_reproduces_every_tuned_candidate_bit_for_bit(tuned, family,
     from hf_residual.tune.search import recipe_of
 
     probes = demo_probes("tiny", 0)
-    for record in [r for r in tuned.candidates if not candidate_of(r).is_default][:2]:
+    for record in [r for r in tuned.candidates if not candidate_of(r).is_default]:
         path = recipe_of(record, tuned.reference, probes, "balanced").save(tmp_path / "r.yaml")
         shutil.rmtree(tmp_path / "cli", ignore_errors=True)
         assert main([*_cli_port(family), "--recipe", str(path), "-o", str(tmp_path / "cli"), "-q"]) == 0
@@ -250,13 +252,13 @@ def test_rerun_evaluates_nothing_and_resume_continues_the_same_search(tuned, fam
     assert "## Tuned recipe" in card and (tuned.output / "recipe.yaml").read_text() in card
     api = _api_port(family, tmp_path / "api", **Recipe.load(tuned.output / "recipe.yaml").port_kwargs())
     assert matches(tmp_path / "ported", load_tensors(api))
-    # A run killed after 3 candidates (its last line cut off) resumes: 1 evaluated, the same 4 candidates.
+    # A run killed after 3 candidates (its last line cut off) resumes: 2 evaluated, the same 5 candidates.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     lines = (tuned.output / "cache.jsonl").read_text().splitlines()
     (resumed / "cache.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
     result = tune(*models, budget=BUDGET, output=resumed, references=False, **kwargs)
-    assert (result.evaluated, result.reused) == (1, 3)
+    assert (result.evaluated, result.reused) == (2, 3)
     assert [r["key"] for r in result.candidates] == [r["key"] for r in tuned.candidates]
     assert [r["if"] for r in result.candidates] == [r["if"] for r in tuned.candidates]
     # different probes are another cache key: nothing reused

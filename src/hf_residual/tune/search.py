@@ -143,12 +143,14 @@ def _sampler(seed: int):
 
 
 def run_search(evaluator: _Evaluator, space, budget: int, seed: int, progress: bool) -> list[dict]:
-    """``budget`` trials of a seeded two-objective study (IF, knowledge), alpha = 1 enqueued first."""
+    """``budget`` trials of a seeded two-objective study (IF, knowledge), alpha = 1 enqueued first, then
+    the plain methods (``space.first_params``)."""
     import optuna
     from tqdm.auto import tqdm
 
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=_sampler(seed))
-    study.enqueue_trial(first_params(space))
+    for params in first_params(space):
+        study.enqueue_trial(params)
     records = []
     with tqdm(total=budget, desc="tune", unit="candidate", disable=not progress) as bar:
         for number in range(budget):

@@ -112,14 +112,18 @@ def suggest(trial, space: Space) -> Candidate:
     return Candidate(alpha, alpha_for(alpha, factors, space.bands), method)
 
 
-def first_params(space: Space) -> dict:
-    """The trial enqueued first: alpha = 1, every factor 1, task arithmetic (the paper's port)."""
+def first_params(space: Space) -> list[dict]:
+    """The trials enqueued first: alpha = 1, every factor 1, task arithmetic (the paper's port, the
+    reference); then, when the method is searched, each other method in its plain form at alpha = 1
+    (``ties`` and ``dare`` at 0.5), so every method is on the table whatever the budget."""
     params: dict = {"alpha": 1.0} if "alpha" in space.dimensions else {}
     if "groups" in space.dimensions:
         params.update({f"x_{g}": 1.0 for g in (*space.modules, *space.bands)})
-    if "method" in space.dimensions:
-        params["method"] = "task_arithmetic"
-    return params
+    if "method" not in space.dimensions:
+        return [params]
+    plain = [{"method": "task_arithmetic"}, {"method": "orthogonal"}]
+    plain += [{"method": "ties", "density": 0.5}, {"method": "dare", "p": 0.5}]
+    return [{**params, **method} for method in plain]
 
 
 def alpha_for(alpha: float, factors: dict[str, float], bands: dict[str, tuple[int, ...]]) -> tuple:
