@@ -190,6 +190,7 @@ def tune(
     chosen port there, the recipe in its card. ``references``: score the instruct model and the target too.
     """
     from hf_residual.core.checkpoint import open_checkpoint
+    from hf_residual.core.manifest import is_residual_folder
     from hf_residual.hub.sources import resolve
 
     if budget < 1:
@@ -211,7 +212,7 @@ def tune(
     with _quiet_loading():
         records = run_search(evaluator, search_space, budget, seed, progress)
         refs = {}
-        if references and (models["instruct"].path / "config.json").is_file():
+        if references and not is_residual_folder(models["instruct"].path):  # a residual has no model to score
             tokenizer_from = models["instruct"].path
             refs = {role: evaluator.model(role, tokenizer_from) for role in ("instruct", "target")}
     reference = records[0]
