@@ -33,14 +33,13 @@ class Writer(threading.Thread):
     sha256 is computed only when a manifest needs it (``checksum="sha256"``). The header is re-parsed
     when the shard is closed.
 
-    Every ``FLUSH_BYTES`` written, the kernel is asked to start writing them to the disk (Linux
-    ``sync_file_range``, asynchronous): the output is fsynced before it is published, and starting early
-    lets the disk work while the arithmetic runs instead of after it, and keeps dirty pages from piling
-    up when memory is short (measured: benchmarks/RESULTS.md).
+    With ``FLUSH_BYTES`` > 0, the kernel is asked to start writing each ``FLUSH_BYTES`` written to the
+    disk (Linux ``sync_file_range``, asynchronous) ahead of the fsync before publishing. Off by default:
+    on the 1.1B family it cost CPU in this thread and made the port slower (benchmarks/RESULTS.md);
+    ``HF_RESIDUAL_WRITEBACK_MB`` sets it for benchmarks.
     """
 
-    # HF_RESIDUAL_WRITEBACK_MB overrides (0: no early writeback; benchmarks)
-    FLUSH_BYTES = int(os.environ.get("HF_RESIDUAL_WRITEBACK_MB", "64")) << 20
+    FLUSH_BYTES = int(os.environ.get("HF_RESIDUAL_WRITEBACK_MB", "0")) << 20
 
     def __init__(self, buffers: int, block_bytes: int, checksum: str | None):
         super().__init__(daemon=True, name="hf-residual-writer")
