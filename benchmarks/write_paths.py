@@ -4,7 +4,8 @@ The engine's writer writes 512 KB blocks and the output is fsynced before it is 
 ``--gb`` GB the same way, alternating the ways, each preceded by ``sync``:
 
 - ``plain``: write everything, then fsync;
-- ``writeback``: ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` every 64 MB written (what ``core.writer`` does),
+- ``writeback``: ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` every 64 MB written (``core.writer`` with
+  ``HF_RESIDUAL_WRITEBACK_MB=64``; off by default, measured slower end to end),
   then fsync;
 - ``fallocate``: the same with the file's size reserved first (``posix_fallocate``);
 - ``direct``: ``O_DIRECT`` writes (no page cache; the data is on the disk when each write returns).
