@@ -107,6 +107,7 @@ def build_app(config: rs.SpaceConfig | None = None) -> gr.Blocks:
         config = rs.load_config()  # a bad config file fails the start, with its message
     startup = rs.Startup(config) if config is not None else rs.Startup().start()
     names = startup.store.names() if startup.ready else []
+    ready_at_build = bool(names)
     defaults = _defaults(startup)
     is_toy = bool(config and config.models) and all("/toy/" in e.ref for e in config.models.values())
 
@@ -197,14 +198,20 @@ def build_app(config: rs.SpaceConfig | None = None) -> gr.Blocks:
 
     def sync():
         """On page load, and every second while the models are prepared: the status line, the pickers
-        (with the models ported since), the Port tab's picks and the results; then the timer stops."""
+        (with the models ported since), the Port tab's picks and the results; then the timer stops.
+
+        Values are set only when the models became ready after the page was built; otherwise only the
+        choices are refreshed, so that a pick made before this first call returns is not overwritten."""
         if not startup.ready:
             keep = [gr.skip()] * (SLOTS + 3)
             return (startup.status(), gr.Timer(active=not startup.done), *keep, *results())
         current = startup.store.names()
-        picks = [gr.Dropdown(choices=[*current, NONE], value=d or NONE) for d in _defaults(startup)]
-        guess = rs.guess_port_roles(current)
-        roles = [gr.Dropdown(choices=current, value=g) for g in guess]
+        if ready_at_build:  # the page was built with its picks: a user's pick made meanwhile stays
+            picks = [gr.Dropdown(choices=[*current, NONE]) for _ in range(SLOTS)]
+            roles = [gr.Dropdown(choices=current) for _ in range(3)]
+        else:
+            picks = [gr.Dropdown(choices=[*current, NONE], value=d or NONE) for d in _defaults(startup)]
+            roles = [gr.Dropdown(choices=current, value=g) for g in rs.guess_port_roles(current)]
         return (startup.status(), gr.Timer(active=False), *picks, *roles, *results())
 
     with gr.Blocks(title="hf-residual: instruction residuals side by side") as demo:
