@@ -93,31 +93,18 @@ def _extract(
     with staged_output(output, overwrite=overwrite, required_bytes=engine.total_bytes(shards)) as staging:
         stats = common.execute(shards, staging, "extract", options.progress, checksum="sha256")
         engine.write_index(staging, WEIGHTS_PREFIX, shards)
-        manifest = Manifest(
-            codec=codec,
-            base=common.identity_of(base_model, b_ckpt, samples),
-            instruct=common.identity_of(instruct_model, i_ckpt),
-            model_type=i_ckpt.model_type,
-            architectures=list(i_ckpt.config.get("architectures") or []),
-            base_vocab_size=b_ckpt.vocab_size,
-            instruct_vocab_size=i_ckpt.vocab_size,
-            base_tokens=vocab.token_count(base_model.path),
-            tensors={
-                p.name: TensorEntry(
-                    shape=list(p.instruct.shape),
-                    dtype=CODECS[codec],
-                    sha256=stats[p.name].sha256,
-                    source_dtype=p.instruct.dtype,
-                    absolute_rows_from=p.absolute_rows_from,
-                    base_norm=stats[p.name].minus_norm,
-                    residual_norm=stats[p.name].result_norm,
-                    base_sample=samples[p.name],
-                )
-                for p in pairs
-            },
-            note=CODEC_NOTES[codec],
-            inexact_elements=sum(s.inexact for s in stats.values()),
+        manifest = _manifest(
+            codec, CODECS[codec], pairs, (instruct_model, i_ckpt), (base_model, b_ckpt), samples
         )
+        for p in pairs:
+            entry, stat = manifest.tensors[p.name], stats[p.name]
+            entry.sha256, entry.base_norm, entry.residual_norm = (
+                stat.sha256,
+                stat.minus_norm,
+                stat.result_norm,
+            )
+        manifest.note = CODEC_NOTES[codec]
+        manifest.inexact_elements = sum(s.inexact for s in stats.values())
         manifest.write(staging)
         assets.copy_chat_assets(instruct_model.path, staging)
         if i_ckpt.config:
@@ -170,27 +157,8 @@ def _extract_encoded(
     jobs = plans.extract_jobs(pairs, "F32")
     samples = checks.base_samples(b_ckpt)
     checks.check_sampled_residual(pairs, samples, options.force)
-    manifest = Manifest(
-        codec="float32",
-        base=common.identity_of(base_model, b_ckpt, samples),
-        instruct=common.identity_of(instruct_model, i_ckpt),
-        model_type=i_ckpt.model_type,
-        architectures=list(i_ckpt.config.get("architectures") or []),
-        base_vocab_size=b_ckpt.vocab_size,
-        instruct_vocab_size=i_ckpt.vocab_size,
-        base_tokens=vocab.token_count(base_model.path),
-        tensors={
-            p.name: TensorEntry(
-                shape=list(p.instruct.shape),
-                dtype="F32",
-                sha256="",  # set when encoded
-                source_dtype=p.instruct.dtype,
-                absolute_rows_from=p.absolute_rows_from,
-                base_sample=samples[p.name],
-            )
-            for p in pairs
-        },
-    )
+    # sha256 and norms are set when each tensor is encoded
+    manifest = _manifest("float32", "F32", pairs, (instruct_model, i_ckpt), (base_model, b_ckpt), samples)
 
     def exact():  # a fresh pass over I - B; the norms go into the manifest as each tensor is computed
         for tensor in codec_exact.exact_tensors(jobs):
@@ -227,3 +195,30 @@ def _extract_encoded(
         "fidelity": encoded.fidelity,
     }
     return Result(output, len(jobs), written, details)
+
+
+def _manifest(codec: str, dtype: str, pairs, instruct: tuple, base: tuple, samples: dict) -> Manifest:
+    """The residual's manifest before its weights are written: identities, vocabularies, one entry per
+    tensor (checksums and norms are filled in by the caller as the tensors are computed)."""
+    (instruct_model, i_ckpt), (base_model, b_ckpt) = instruct, base
+    return Manifest(
+        codec=codec,
+        base=common.identity_of(base_model, b_ckpt, samples),
+        instruct=common.identity_of(instruct_model, i_ckpt),
+        model_type=i_ckpt.model_type,
+        architectures=list(i_ckpt.config.get("architectures") or []),
+        base_vocab_size=b_ckpt.vocab_size,
+        instruct_vocab_size=i_ckpt.vocab_size,
+        base_tokens=vocab.token_count(base_model.path),
+        tensors={
+            p.name: TensorEntry(
+                shape=list(p.instruct.shape),
+                dtype=dtype,
+                sha256="",
+                source_dtype=p.instruct.dtype,
+                absolute_rows_from=p.absolute_rows_from,
+                base_sample=samples[p.name],
+            )
+            for p in pairs
+        },
+    )
