@@ -92,7 +92,7 @@ def test_a_lossy_extract_killed_mid_stream_removes_its_exact_temporary_folder(ll
     assert not (parent / "r").exists()
 
 
-def test_an_apply_of_a_compressed_residual_killed_mid_stream_removes_the_decoded_copy(llama, tmp_path):
+def test_an_apply_of_a_compressed_residual_killed_mid_stream_leaves_nothing(llama, tmp_path):
     residual = tmp_path / "lowrank"
     api.extract(
         llama.instruct, llama.base, residual, codec="lowrank:4", max_shard_size="20KB", progress=False
