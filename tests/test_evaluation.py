@@ -356,3 +356,20 @@ def test_a_model_and_task_rerun_with_other_settings_counts_once(tmp_path):
     table = build_table([results])
     row = next(r for r in table.rows if r.task == "piqa" and r.metric == "acc")
     assert table.value(row, model.label) == 50.0
+
+
+def test_a_task_over_local_files_is_recorded_as_local_not_as_a_hub_dataset(tmp_path):
+    """lm-eval's ``dataset_path: json`` (a task's own JSONL, as the demo's DocChat task has) names a loader,
+    not a Hub dataset: the card must not claim a dataset ``json`` in ``.eval_results``."""
+    results = write_paper_results(tmp_path / "results", refs={"L3i": "L3i"})
+    records = [json.loads(p.read_text()) for p in sorted(results.glob("*/*.json"))]
+    record = next(r for r in records if card._dataset_path(r) == "openai/gsm8k")
+    assert card.eval_results_yaml([record]) is not None  # a Hub benchmark: listed
+    for config in record["lm_eval"]["configs"].values():
+        if config.get("dataset_path"):
+            config["dataset_path"] = "json"
+    task = record["task"]["task"]
+    assert card.eval_results_yaml([record]) is None
+    assert {e.dataset_type for e in card.eval_results([record], "L3i")} == {
+        card.LOCAL_DATASET.format(task=task)
+    }

@@ -63,14 +63,20 @@ def model_records(results_dirs: list[str | Path], ref: str) -> list[dict]:
     return [r for r in mine if r["model"]["sha"] == latest]
 
 
+# ``dataset_path`` values that name a ``datasets`` loader for local files (a task's own JSONL, CSV...),
+# not a dataset on the Hub: such a task is recorded as a local one.
+FILE_LOADERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "generator", "webdataset"}
+
+
 def _dataset_path(record: dict) -> str | None:
+    """The Hub dataset the record's task reads, or None for a task over local files."""
     task = record["task"]["task"]
     configs = record["lm_eval"].get("configs") or {}
     for name in [task, *sorted(configs)]:
         if name == task or name.startswith(task + "_"):
             path = (configs.get(name) or {}).get("dataset_path")
             if path:
-                return path
+                return None if path in FILE_LOADERS or Path(path).exists() else path
     return None
 
 
