@@ -152,3 +152,22 @@ def test_card_push_needs_a_repo_id(evaluated, llama, capsys):
     _, results = evaluated
     assert main(["card", str(llama.instruct), "--results", str(results), "--push"]) == 2
     assert "local folder" in capsys.readouterr().err
+
+
+def test_eval_runs_a_users_task_folder_from_the_cli(llama, tmp_path, capsys):
+    """``--include-path``: a user's own lm-eval task (here the demo's DocChat task, written as a user
+    would: a YAML and its JSONL) runs through the CLI; a folder that does not exist is a clear error."""
+    from hf_residual.demo import docchat
+
+    items = [docchat.DocItem("Ana Vel lives in Oslo.", "Where does Ana Vel live?", "Oslo")] * 2
+    tasks = docchat.write_task(tmp_path / "tasks", items)
+    out = tmp_path / "results"
+    argv = ["eval", str(llama.instruct), "--tasks", docchat.TASK, "--chat-template", "no", "--device", "cpu"]
+    argv += ["--batch-size", "1", "--gen-kwargs", "max_gen_toks=4", "-o", str(out)]
+    assert main([*argv, "--include-path", str(tasks)]) == 0
+    [record] = [json.loads(p.read_text()) for p in (out / "instruct").glob("*.json")]
+    assert record["task"]["task"] == docchat.TASK
+    assert docchat.METRIC in record["lm_eval"]["results"][docchat.TASK]
+    capsys.readouterr()
+    assert main([*argv, "--include-path", str(tmp_path / "nowhere")]) == 2
+    assert "--include-path" in capsys.readouterr().err

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from hf_residual.commands._common import MODEL_HELP, add_token
 from hf_residual.commands._json import add_json
+from hf_residual.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="lm-eval task names, comma-separated; TASK:SHOTS sets the shots (gsm8k:5)",
     )
     parser.add_argument("-o", "--output", required=True, metavar="RESULTS_DIR", help="folder of the results")
+    parser.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of your own lm-eval task YAMLs (as lm-eval's --include_path), searched besides "
+        "lm-eval's and hf-residual's tasks; repeatable. E.g. a skill task for `card --skill-tasks`",
+    )
     parser.add_argument(
         "--limit",
         type=int,
@@ -70,12 +80,18 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from hf_residual.evaluation.quiet import lm_eval_output
-    from hf_residual.evaluation.runner import evaluate
+    from hf_residual.evaluation.runner import evaluate, task_manager
     from hf_residual.evaluation.suites import from_task_list, load_suite
     from hf_residual.evaluation.table import build_table, to_markdown
 
     started = time.perf_counter()
     suite = load_suite(args.suite) if args.suite else from_task_list(args.tasks)
+    include = [Path(p) for p in args.include_path]
+    for folder in include:
+        if not folder.is_dir():
+            raise ConfigError(
+                f"--include-path {folder}: no such folder; give the folder that holds your task YAML files"
+            )
     batch = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
     screen = sys.stderr if args.json else sys.stdout  # our progress lines; lm-eval's are held back below
 
@@ -94,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             chat_template=args.chat_template,
             gen_kwargs=args.gen_kwargs,
             token=args.token,
+            manager=task_manager(include) if include else None,
             log=log,
         )
     if args.json:
