@@ -79,12 +79,9 @@ def _extract(
     publish, overwrite = options.publish, options.overwrite
     codec = normalise_dtype(dtype)
     check_destination(output.absolute(), overwrite=overwrite)
-    instruct_model = resolve(instruct, revisions[0], role="instruct model", token=publish.token)
-    base_source = "given"
-    if base is None:
-        base, base_source = common.find_base(instruct_model, instruct)
-    base_model = resolve(base, revisions[1], role="base model", token=publish.token)
-    i_ckpt, b_ckpt = open_checkpoint(instruct_model.path), open_checkpoint(base_model.path)
+    (instruct_model, i_ckpt), (base_model, b_ckpt), base, base_source = _open_pair(
+        instruct, base, revisions, publish.token
+    )
     pairs = plans.pair(i_ckpt, b_ckpt)
     jobs = plans.extract_jobs(pairs, CODECS[codec])
     shards = engine.plan_shards(jobs, WEIGHTS_PREFIX, options.max_shard_bytes)
@@ -147,12 +144,9 @@ def _extract_encoded(
     """The exact float32 residual, one tensor at a time from the model files, encoded with ``codec``."""
     publish = options.publish
     check_destination(output.absolute(), overwrite=options.overwrite)
-    instruct_model = resolve(instruct, revisions[0], role="instruct model", token=publish.token)
-    base_source = "given"
-    if base is None:
-        base, base_source = common.find_base(instruct_model, instruct)
-    base_model = resolve(base, revisions[1], role="base model", token=publish.token)
-    i_ckpt, b_ckpt = open_checkpoint(instruct_model.path), open_checkpoint(base_model.path)
+    (instruct_model, i_ckpt), (base_model, b_ckpt), base, base_source = _open_pair(
+        instruct, base, revisions, publish.token
+    )
     pairs = plans.pair(i_ckpt, b_ckpt)
     jobs = plans.extract_jobs(pairs, "F32")
     samples = checks.base_samples(b_ckpt)
@@ -221,4 +215,20 @@ def _manifest(codec: str, dtype: str, pairs, instruct: tuple, base: tuple, sampl
             )
             for p in pairs
         },
+    )
+
+
+def _open_pair(instruct, base, revisions: tuple[str | None, str | None], token: str | None) -> tuple:
+    """Resolve and open the instruct model and its base (found from the instruct model's card when not
+    given): ``(instruct_model, ckpt), (base_model, ckpt), base, base_source`` ("given" or how it was found)."""
+    instruct_model = resolve(instruct, revisions[0], role="instruct model", token=token)
+    base_source = "given"
+    if base is None:
+        base, base_source = common.find_base(instruct_model, instruct)
+    base_model = resolve(base, revisions[1], role="base model", token=token)
+    return (
+        (instruct_model, open_checkpoint(instruct_model.path)),
+        (base_model, open_checkpoint(base_model.path)),
+        base,
+        base_source,
     )
