@@ -4,7 +4,7 @@
   the scipy deferral of ``core.fused`` and without it (numba's first dispatch then imports scipy);
   wall and CPU seconds, alternating.
 - ``compare``: the writer's read-back comparison of one 512 KB block, ``np.array_equal`` vs ``memcmp``
-  (``core.writer.same_bytes``).
+  (``core.shard_files.same_bytes``).
 - ``error``: ``hf-residual port`` stopped by an error found while planning (a base folder with no
   weights), with this tree and with ``--baseline-src`` (e.g. one where ``core.fused`` imported numba).
 
@@ -63,7 +63,7 @@ def load(repeat: int) -> None:
 
 
 def compare(repeat: int) -> None:
-    from hf_residual.core.writer import same_bytes
+    from hf_residual.core.shard_files import same_bytes
 
     a = np.random.default_rng(0).integers(0, 256, 1 << 19, dtype=np.uint8)
     b = a.copy()

@@ -4,11 +4,11 @@ The engine's writer writes 512 KB blocks and the output is fsynced before it is 
 ``--gb`` GB the same way, alternating the ways, each preceded by ``sync``:
 
 - ``plain``: write everything, then fsync;
-- ``writeback``: ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` every 64 MB written (``core.writer`` with
-  ``HF_RESIDUAL_WRITEBACK_MB=64``; off by default, measured slower end to end),
-  then fsync;
+- ``writeback``: ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` every 64 MB written, then fsync (tried in
+  ``core.writer``, measured slower end to end, removed);
 - ``fallocate``: the same with the file's size reserved first (``posix_fallocate``);
-- ``direct``: ``O_DIRECT`` writes (no page cache; the data is on the disk when each write returns).
+- ``direct``: ``O_DIRECT`` writes (no page cache; the data is on the disk when each write returns): what
+  ``core.shard_files.DirectShard`` does, in 8 MB chunks, each also read back from the disk.
 
 Usage::
 

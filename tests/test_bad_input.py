@@ -7,6 +7,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import load_tensors
@@ -211,19 +212,24 @@ def test_not_enough_disk_is_checked_before_writing(fam, tmp_path, capsys, monkey
 
 @pytest.mark.parametrize("command", ["port", "extract"])
 def test_bytes_that_do_not_read_back_stop_the_run(fam, tmp_path, capsys, monkeypatch, command):
-    """Fault injection (a failing disk cannot be made here): one byte of a tensor block is changed on write."""
-    from hf_residual.core import writer
+    """Fault injection (a failing disk cannot be made here): one byte of a tensor block reaches the file
+    changed, while the bytes the writer meant stay as they were."""
+    from hf_residual.core import shard_files
 
-    real_write_all = writer.write_all
+    real_write_all_at = shard_files.write_all_at
 
-    def damaging_write_all(handle, view):
-        if len(view) > 1000:  # a tensor block, not a header
-            damaged = bytearray(view)
-            damaged[len(damaged) // 2] ^= 0x40
-            view = memoryview(damaged)
-        real_write_all(handle, view)
+    def damaging_write_all_at(fd, view, offset):
+        if len(view) > 1000:  # tensor bytes, not a lone header
+            damaged = np.frombuffer(view, np.uint8)  # in place: an O_DIRECT chunk must stay aligned
+            damaged[1000] ^= 0x40
+            try:
+                real_write_all_at(fd, view, offset)
+            finally:
+                damaged[1000] ^= 0x40
+        else:
+            real_write_all_at(fd, view, offset)
 
-    monkeypatch.setattr(writer, "write_all", damaging_write_all)
+    monkeypatch.setattr(shard_files, "write_all_at", damaging_write_all_at)
     argv = {"port": ["--to", fam.cpt], "extract": []}[command]
     code, err = run_cli(
         capsys, command, fam.instruct, "--base", fam.base, *argv, "-o", tmp_path / "out", "-q"

@@ -55,6 +55,9 @@ __all__ = [
 # Elements per block: 2^18 (256K) amortises the per-block Python and queue overhead while the fused
 # kernel's inputs and output (2 MB) stay near cache size; HF_RESIDUAL_BLOCK_LOG2 overrides (benchmarks).
 DEFAULT_BLOCK = 1 << int(os.environ.get("HF_RESIDUAL_BLOCK_LOG2", "18"))
+# Blocks the arithmetic may run ahead of the writer (a deeper queue lets it compute while the writer waits
+# for an O_DIRECT chunk; HF_RESIDUAL_WRITE_BUFFERS, measured in benchmarks/RESULTS.md).
+WRITE_BUFFERS = int(os.environ.get("HF_RESIDUAL_WRITE_BUFFERS", "4"))
 # How the fused path reads inputs: "pread" (copy into reused buffers) or "mmap" (map each block).
 READ_MODE = os.environ.get("HF_RESIDUAL_READ", "pread")
 
@@ -77,7 +80,7 @@ def execute(
     """
     block = block or DEFAULT_BLOCK
     buffers = kernels.BlockBuffers(block)
-    writer = writing.Writer(buffers=4, block_bytes=block * 8, checksum=checksum)
+    writer = writing.Writer(buffers=WRITE_BUFFERS, block_bytes=block * 8, checksum=checksum)
     writer.start()
     hasher = writing.Hasher(buffers=4, block_bytes=block * 8) if _checks_inputs(shards) else None
     if hasher is not None:

@@ -8,12 +8,9 @@ input descriptors. ``engine.execute`` drives them through queues.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import hashlib
 import os
 import queue
-import sys
 import threading
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import numpy as np
 
 from hf_residual.core.jobs import Source, TensorJob
 from hf_residual.core.safetensors_io import OutputTensor, TensorInfo, read_header
+from hf_residual.core.shard_files import DIRECT_CHUNK, AlignedBuffer, BufferedShard, DirectShard
 from hf_residual.errors import VerificationError
 
 
@@ -28,18 +26,15 @@ class Writer(threading.Thread):
     """Writes blocks to the open shard and reads each one back to compare it with what was meant.
 
     Runs beside the arithmetic: writes, reads, comparisons and sha256 release the GIL, so this uses the
-    second core. Each block is read back (from the page cache) right after it is written and compared
-    byte for byte while it is still in memory, which costs less than checksumming every tensor twice;
-    sha256 is computed only when a manifest needs it (``checksum="sha256"``). The header is re-parsed
-    when the shard is closed.
-
-    With ``FLUSH_BYTES`` > 0, the kernel is asked to start writing each ``FLUSH_BYTES`` written to the
-    disk (Linux ``sync_file_range``, asynchronous) ahead of the fsync before publishing. Off by default:
-    on the 1.1B family it cost CPU in this thread and made the port slower (benchmarks/RESULTS.md);
-    ``HF_RESIDUAL_WRITEBACK_MB`` sets it for benchmarks.
+    second core. Where the filesystem allows it, a shard is written with ``O_DIRECT`` (``DirectShard``):
+    the bytes go from an aligned buffer straight to the disk, are read back from the disk and compared, and
+    the fsync before publishing has nothing left to write. Elsewhere (tmpfs, other systems, or
+    ``HF_RESIDUAL_DIRECT_IO=0``) writes go through the page cache and each block is read back from it
+    (``BufferedShard``). sha256 is computed only when a manifest needs it (``checksum="sha256"``). The
+    header is re-parsed when the shard is closed.
     """
 
-    FLUSH_BYTES = int(os.environ.get("HF_RESIDUAL_WRITEBACK_MB", "0")) << 20
+    DIRECT_IO = os.environ.get("HF_RESIDUAL_DIRECT_IO", "1") != "0"
 
     def __init__(self, buffers: int, block_bytes: int, checksum: str | None):
         super().__init__(daemon=True, name="hf-residual-writer")
@@ -51,11 +46,10 @@ class Writer(threading.Thread):
             self.free.put(np.empty(block_bytes, np.uint8))
         self.hashes: dict[str, str] = {}
         self.error: BaseException | None = None
+        self.direct_shards = 0  # shards written with O_DIRECT (benchmarks and tests report it)
+        self._shard: BufferedShard | DirectShard | None = None
         self._readback = np.empty(block_bytes, np.uint8)
-        # The open shard: written through ``_handle``, read back through ``_read_fd``.
-        self._handle = None
-        self._read_fd = -1
-        self._flushed = 0  # bytes of the open shard handed to start_writeback so far
+        self._chunks: tuple[AlignedBuffer, AlignedBuffer] | None = None  # DirectShard's, reused
 
     def run(self) -> None:
         try:
@@ -64,18 +58,22 @@ class Writer(threading.Thread):
             self._close_files()
 
     def _close_files(self) -> None:
-        handle, read_fd = self._handle, self._read_fd
-        self._handle, self._read_fd = None, -1
-        try:
-            if handle is not None:
-                handle.close()
-        finally:
-            if read_fd >= 0:
-                os.close(read_fd)
+        shard, self._shard = self._shard, None
+        if shard is not None:
+            shard.close()
+
+    def _open(self, path: Path) -> BufferedShard | DirectShard:
+        if self.DIRECT_IO:
+            if self._chunks is None:
+                self._chunks = (AlignedBuffer(DIRECT_CHUNK), AlignedBuffer(DIRECT_CHUNK))
+            shard = DirectShard.open(path, *self._chunks)
+            if shard is not None:
+                self.direct_shards += 1
+                return shard
+        return BufferedShard(path, self._readback)
 
     def _loop(self) -> None:
         hasher = None
-        cursor = 0
         current: OutputTensor | None = None
         while True:
             kind, payload = self.tasks.get()
@@ -88,31 +86,27 @@ class Writer(threading.Thread):
             try:
                 if kind == "open":
                     path, header = payload
-                    self._handle = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by _close_files
-                    self._read_fd = os.open(path, os.O_RDONLY)
-                    write_all(self._handle, memoryview(header))
-                    cursor = len(header)
-                    self._flushed = 0
+                    self._shard = self._open(path)
+                    self._shard.write(memoryview(header), "the header")
                 elif kind == "tensor":
                     current = payload
                     hasher = hashlib.sha256() if self.checksum == "sha256" else None
                 elif kind == "data":
                     buffer, nbytes = payload
                     view = memoryview(buffer)[:nbytes]
-                    write_all(self._handle, view)
-                    self._verify_block(self._read_fd, cursor, buffer[:nbytes], current)
+                    self._shard.write(view, repr(current.name))
                     if hasher is not None:
                         hasher.update(view)
-                    cursor += nbytes
                     self.free.put(buffer)
-                    if 0 < self.FLUSH_BYTES <= cursor - self._flushed:
-                        start_writeback(self._handle.fileno(), self._flushed, cursor - self._flushed)
-                        self._flushed = cursor
                 elif kind == "end_tensor":
                     self.hashes[current.name] = hasher.hexdigest() if hasher is not None else ""
                 elif kind == "close":
                     path, expected = payload
-                    self._close_files()
+                    shard, self._shard = self._shard, None
+                    try:
+                        shard.finish()
+                    finally:
+                        shard.close()
                     verify_header(path, expected)
             except BaseException as error:  # noqa: BLE001 - handed to the main thread
                 self.error = error
@@ -120,66 +114,6 @@ class Writer(threading.Thread):
                     self.free.put(payload[0])
                 with contextlib.suppress(OSError):  # the first error is the one to report
                     self._close_files()
-
-    def _verify_block(self, fd: int, offset: int, written: np.ndarray, tensor: OutputTensor) -> None:
-        back = self._readback[: written.size]
-        done = 0
-        while done < written.size:
-            got = os.preadv(fd, [memoryview(back)[done:]], offset + done)
-            if got <= 0:
-                raise VerificationError(f"file ends inside tensor {tensor.name!r} when read back")
-            done += got
-        if not same_bytes(back, written):
-            raise VerificationError(f"bytes of {tensor.name!r} read back differ from those written")
-
-
-@functools.cache
-def _libc_function(name: str, argtypes: tuple, restype=ctypes.c_int):
-    """A C library function (ctypes releases the GIL while it runs), or None where it is missing."""
-    try:
-        function = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc/musl
-        return None
-    function.argtypes, function.restype = argtypes, restype
-    return function
-
-
-def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
-    """``a`` and ``b`` (contiguous uint8, same size) hold the same bytes: one ``memcmp``, no temporary.
-
-    ``np.array_equal`` makes a boolean array and reduces it: about 2.5x the time (benchmarks/RESULTS.md).
-    """
-    if a.size != b.size:
-        return False
-    memcmp = _libc_function("memcmp", (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t))
-    if memcmp is None or not (a.flags.c_contiguous and b.flags.c_contiguous):  # pragma: no cover
-        return bool(np.array_equal(a, b))
-    return a.size == 0 or memcmp(a.ctypes.data, b.ctypes.data, a.size) == 0
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to start writing ``nbytes`` at ``offset`` of ``fd`` to the disk, without waiting.
-
-    Only an early start: durability still comes from the fsync before the output is published. Where
-    ``sync_file_range`` is missing (not Linux) or fails, nothing happens.
-    """
-    if not sys.platform.startswith("linux"):  # pragma: no cover
-        return
-    function = _libc_function(
-        "sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    )
-    if function is not None:
-        function(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # an error here is not one: fsync decides
-
-
-def write_all(handle, view: memoryview) -> None:
-    """Write every byte (an unbuffered write may write fewer than asked)."""
-    written = 0
-    while written < len(view):
-        written += handle.write(view[written:])
 
 
 def verify_header(path: Path, expected: list[OutputTensor]) -> None:

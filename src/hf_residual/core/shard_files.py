@@ -1,0 +1,204 @@
+"""Output shard files for the engine's writer: written through the page cache, or with ``O_DIRECT``.
+
+Both read every byte back after writing it and compare it with what was meant (one ``memcmp``); the
+``O_DIRECT`` kind reads it back from the disk. See ``writer.Writer`` for which one a shard gets.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from hf_residual.errors import VerificationError
+
+DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: a multiple of the logical block size
+DIRECT_CHUNK = 8 << 20  # bytes per O_DIRECT write: 8 MB ran at the disk's speed here (benchmarks/RESULTS.md)
+
+
+class AlignedBuffer:
+    """A page-aligned byte buffer (anonymous ``mmap``), as ``O_DIRECT`` reads and writes need."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.map = mmap.mmap(-1, nbytes)
+        self.array = np.frombuffer(self.map, np.uint8)
+        self.view = memoryview(self.map)
+
+
+class BufferedShard:
+    """A shard written through the page cache; each block is read back from it right away and compared."""
+
+    def __init__(self, path: Path, readback: np.ndarray) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            self.read_fd = os.open(path, os.O_RDONLY)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.readback = readback
+        self.cursor = 0
+
+    def write(self, view: memoryview, what: str) -> None:
+        write_all_at(self.fd, view, self.cursor)
+        if len(view) <= self.readback.size:  # blocks; the header is checked by re-parsing it at close
+            back = self.readback[: len(view)]
+            read_all_at(self.read_fd, back, self.cursor, what)
+            if not same_bytes(back, np.frombuffer(view, np.uint8)):
+                raise VerificationError(f"bytes of {what} read back differ from those written")
+        self.cursor += len(view)
+
+    def finish(self) -> None:
+        """Nothing is pending: every block was written and compared as it came."""
+
+    def close(self) -> None:
+        fd, read_fd, self.fd, self.read_fd = self.fd, self.read_fd, -1, -1
+        try:
+            if fd >= 0:
+                os.close(fd)
+        finally:
+            if read_fd >= 0:
+                os.close(read_fd)
+
+
+class DirectShard:
+    """A shard written with ``O_DIRECT``: bytes gathered in an aligned chunk, written, read back from the disk.
+
+    Blocks and the header are copied into ``chunk``; each full chunk is written at its (aligned) offset,
+    read back from the disk into ``back`` and compared, so what is compared is what the disk holds, not a
+    page-cache copy. The last chunk is padded to the alignment and the file then truncated to its size.
+    This skips the page cache: no dirty pages for the fsync to write later, no memory pressure from a
+    model-sized output (benchmarks/RESULTS.md). If a write is refused (``EINVAL``: the filesystem wants
+    another alignment), the shard carries on through the page cache, same bytes, same checks.
+    """
+
+    def __init__(self, fd: int, read_fd: int, chunk: AlignedBuffer, back: AlignedBuffer) -> None:
+        self.fd, self.read_fd = fd, read_fd
+        self.chunk, self.back = chunk, back
+        self.fill = 0  # bytes of ``chunk`` in use
+        self.offset = 0  # file offset of ``chunk``'s first byte
+        self.spans: list[tuple[int, str]] = []  # (start in chunk, what): names a differing block
+
+    @classmethod
+    def open(cls, path: Path, chunk: AlignedBuffer, back: AlignedBuffer) -> DirectShard | None:
+        """The shard opened for ``O_DIRECT``, or None where the filesystem or system does not offer it."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:  # pragma: no cover - not Linux
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o666)
+        except OSError as error:
+            if error.errno == errno.EINVAL:  # tmpfs and others: no O_DIRECT
+                return None
+            raise
+        try:
+            read_fd = os.open(path, os.O_RDONLY | flag)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, read_fd, chunk, back)
+
+    def write(self, view: memoryview, what: str) -> None:
+        done = 0
+        while done < len(view):
+            take = min(len(view) - done, DIRECT_CHUNK - self.fill)
+            if not self.spans or self.spans[-1][1] != what:
+                self.spans.append((self.fill, what))
+            self.chunk.array[self.fill : self.fill + take] = np.frombuffer(view[done : done + take], np.uint8)
+            self.fill += take
+            done += take
+            if self.fill == DIRECT_CHUNK:
+                self._flush()
+
+    def finish(self) -> None:
+        """Write the last, padded chunk and cut the file to its size."""
+        size = self.offset + self.fill
+        if self.fill:
+            self._flush()
+        os.ftruncate(self.fd, size)
+
+    def _flush(self) -> None:
+        nbytes = -(-self.fill // DIRECT_ALIGN) * DIRECT_ALIGN
+        self.chunk.array[self.fill : nbytes] = 0
+        try:
+            write_all_at(self.fd, self.chunk.view[:nbytes], self.offset)
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            self._leave_direct()
+            write_all_at(self.fd, self.chunk.view[:nbytes], self.offset)
+        back = self.back.array[:nbytes]
+        try:
+            read_all_at(self.read_fd, back, self.offset, self.spans[0][1])
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            self._leave_direct()
+            read_all_at(self.read_fd, back, self.offset, self.spans[0][1])
+        if not same_bytes(back[: self.fill], self.chunk.array[: self.fill]):
+            first = int(np.flatnonzero(back[: self.fill] != self.chunk.array[: self.fill])[0])
+            what = [name for start, name in self.spans if start <= first][-1]
+            raise VerificationError(f"bytes of {what} read back differ from those written")
+        self.offset += self.fill
+        self.fill = 0
+        self.spans = []
+
+    def _leave_direct(self) -> None:
+        import fcntl  # POSIX only, and only needed here
+
+        for fd in (self.fd, self.read_fd):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+
+    def close(self) -> None:
+        fd, read_fd, self.fd, self.read_fd = self.fd, self.read_fd, -1, -1
+        try:
+            if fd >= 0:
+                os.close(fd)
+        finally:
+            if read_fd >= 0:
+                os.close(read_fd)
+
+
+def read_all_at(fd: int, out: np.ndarray, offset: int, what: str) -> None:
+    """Fill ``out`` from ``fd`` at ``offset``; a file that ends first is a verification error."""
+    done = 0
+    while done < out.size:
+        got = os.preadv(fd, [memoryview(out)[done:]], offset + done)
+        if got <= 0:
+            raise VerificationError(f"file ends inside {what} when read back")
+        done += got
+
+
+@functools.cache
+def _libc_function(name: str, argtypes: tuple, restype=ctypes.c_int):
+    """A C library function (ctypes releases the GIL while it runs), or None where it is missing."""
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc/musl
+        return None
+    function.argtypes, function.restype = argtypes, restype
+    return function
+
+
+def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """``a`` and ``b`` (contiguous uint8, same size) hold the same bytes: one ``memcmp``, no temporary.
+
+    ``np.array_equal`` makes a boolean array and reduces it: about 2.5x the time (benchmarks/RESULTS.md).
+    """
+    if a.size != b.size:
+        return False
+    memcmp = _libc_function("memcmp", (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t))
+    if memcmp is None or not (a.flags.c_contiguous and b.flags.c_contiguous):  # pragma: no cover
+        return bool(np.array_equal(a, b))
+    return a.size == 0 or memcmp(a.ctypes.data, b.ctypes.data, a.size) == 0
+
+
+def write_all_at(fd: int, view: memoryview, offset: int) -> None:
+    """Write every byte of ``view`` at ``offset`` (a write may write fewer bytes than asked)."""
+    written = 0
+    while written < len(view):
+        written += os.pwrite(fd, view[written:], offset + written)
