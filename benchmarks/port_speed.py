@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import re
 import shutil
@@ -116,8 +117,8 @@ def read_all(files: list[Path]) -> float:
 def write_bytes(folder: Path, nbytes: int, fsync: bool = False) -> float:
     """Write ``nbytes`` (like the output) in 8 MB chunks; with ``fsync``, until they are on the disk.
 
-    Without fsync is the floor the tools are compared with (as in earlier results); hf-residual fsyncs its
-    output before publishing it (durability), so the fsync row says what the disk itself allows.
+    Without fsync is the floor the tools are compared with (as in earlier results); hf-residual makes its
+    output durable before publishing it, so the fsync and O_DIRECT rows say what the disk itself allows.
     """
     chunk = os.urandom(8 * 1024 * 1024)
     path = folder / "floor.bin"
@@ -129,6 +130,31 @@ def write_bytes(folder: Path, nbytes: int, fsync: bool = False) -> float:
             left -= handle.write(memoryview(chunk)[: min(left, len(chunk))])
         if fsync:
             os.fsync(handle.fileno())
+    elapsed = time.perf_counter() - started
+    path.unlink()
+    return elapsed
+
+
+def write_direct(folder: Path, nbytes: int, read_back: bool) -> float:
+    """Write ``nbytes`` with O_DIRECT in 8 MB chunks (rounded up to whole chunks), then fsync; with
+    ``read_back``, read each chunk back from the disk as it is written (what hf-residual's writer does)."""
+    size = 8 * 1024 * 1024
+    chunk, back = mmap.mmap(-1, size), mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
+    chunk.write(os.urandom(size))
+    path = folder / "floor.bin"
+    settle()
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    read_fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        for offset in range(0, nbytes, size):
+            os.pwritev(fd, [chunk], offset)
+            if read_back:
+                os.preadv(read_fd, [back], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.close(read_fd)
     elapsed = time.perf_counter() - started
     path.unlink()
     return elapsed
@@ -251,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     reads = [] if args.cold else [read_all(inputs) for _ in range(2)]
     writes = [write_bytes(outputs, out_bytes) for _ in range(2)]
     durable: list[float] = []
+    direct: list[float] = []
+    direct_back: list[float] = []
 
     hf_out = outputs / "hf-residual"
     # (label, extra environment): this tree, then --baseline-src and --env-variant, alternating run by run
@@ -268,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         reads.append(read_all(inputs))  # the floor is measured between the runs too, under the same load
         writes.append(write_bytes(outputs, out_bytes))
         durable.append(write_bytes(outputs, out_bytes, fsync=True))
+        direct.append(write_direct(outputs, out_bytes, read_back=False))
+        direct_back.append(write_direct(outputs, out_bytes, read_back=True))
         for label, extra in variants:
             shutil.rmtree(hf_out, ignore_errors=True)  # deleting the last output is not part of the run
             env = {**os.environ, **extra}
@@ -280,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("I/O floor (read inputs + write output)", floor, None)]
     if durable:
         rows.append(("I/O floor, output fsynced (durable)", read_s + min(durable), None))
+        rows.append(("I/O floor, output O_DIRECT (durable)", read_s + min(direct), None))
+        rows.append(("I/O floor, O_DIRECT + read back", read_s + min(direct_back), None))
     for label, _ in variants:
         best = min(runs[label])
         rows.append((label, best[0], best[1]))
