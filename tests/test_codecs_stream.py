@@ -10,6 +10,7 @@ then ``T + alpha * R`` in float32, rounded once to the target's dtype. The engin
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -22,8 +23,10 @@ from helpers import bits, load_tensors
 from safetensors.torch import load_file
 
 from hf_residual import api
+from hf_residual.codecs import stream
 from hf_residual.codecs.folders import encode_folder
 from hf_residual.core import engine
+from hf_residual.core.jobs import is_decoded
 from hf_residual.core.safetensors_io import read_header
 from hf_residual.errors import VerificationError
 
@@ -237,3 +240,96 @@ def test_an_older_residual_without_part_digests_is_checked_on_its_decoded_values
     with pytest.raises(VerificationError, match="checksum differs"):
         api.port(copy, llama.cpt, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def _no_fused_kernel(monkeypatch):
+    monkeypatch.setattr(engine, "_fused_kernel", lambda segment, out_dtype: None)
+
+
+@pytest.mark.parametrize(
+    ("spec", "path"),
+    [
+        ("lowrank:4", "mmap"),
+        ("lowrank:4", "numpy"),
+        ("lowrank:4", "no decode-ahead"),
+        ("bitdelta,scale=row,embeddings=compress", "mmap"),
+        ("bitdelta,scale=row,embeddings=compress", "numpy"),
+    ],
+)
+def test_every_engine_path_decodes_compressed_inputs_to_the_reference_bits(
+    llama, residuals, spec, path, tmp_path, monkeypatch, small_blocks
+):
+    """The fused kernels take encoded inputs decoded into float32 (pread and mmap modes); the numpy path
+    (norms, ties/dare) and a lowrank reader that never decodes ahead give the same bits."""
+    if path == "mmap":
+        monkeypatch.setattr(engine, "READ_MODE", "mmap")
+    elif path == "numpy":
+        _no_fused_kernel(monkeypatch)
+    else:
+        monkeypatch.setattr(stream, "DECODE_AHEAD", False)
+    api.port(residuals[spec], llama.cpt, tmp_path / "ported", alpha=ALPHA, progress=False)
+    got = load_tensors(tmp_path / "ported")
+    for name, values in _expected(llama.cpt, residuals[spec], ALPHA).items():
+        assert torch.equal(bits(got[name]), bits(values)), (spec, path, name)
+
+
+def test_encoded_inputs_take_the_fused_kernel(llama, residuals, tmp_path, monkeypatch):
+    """A port from a lowrank residual runs its encoded tensors through the fused kernel (one pass per
+    block after decoding), not the numpy path's dozen passes: the speed of issue 14 §3 depends on it."""
+    chosen = []
+    original = engine._fused_kernel
+
+    def spy(segment, out_dtype):
+        kernel = original(segment, out_dtype)
+        chosen.append((is_decoded(segment.plus.info), kernel is not None))
+        return kernel
+
+    monkeypatch.setattr(engine, "_fused_kernel", spy)
+    api.port(residuals["lowrank:4"], llama.cpt, tmp_path / "ported", progress=False)
+    assert (True, True) in chosen and (True, False) not in chosen, chosen
+
+
+def test_a_lowrank_reader_read_out_of_order_gives_the_product_and_checks_its_digests(residuals):
+    """Reads of any lengths, out of order (the decode-ahead guess then misses), equal ``product`` of the
+    whole matrix bit for bit, and ``finish`` still checks every stored byte against its digest."""
+    folder = residuals["lowrank:4"]
+    _, checkpoint = stream.open_residual(folder)
+    name = "model.layers.1.mlp.down_proj.weight"
+    info = checkpoint.tensors[name]
+    stored = _stored(folder)
+    b, a = (_float(stored[f"{name}.{p}"]) for p in ("lora_B", "lora_A"))
+    expected = (b.astype(np.float64) @ a.astype(np.float64)).astype(np.float32).reshape(-1)
+    fds: dict[Path, int] = {}
+    reader = info.decoder.open(lambda path: fds.setdefault(path, os.open(path, os.O_RDONLY)))
+    try:
+        numel = expected.size
+        third = numel // 3
+        ranges = [(0, 97), (97, 97), (194, 5), (third, 1000), (100, 37), (199, numel - 199)]
+        assert third > 200 and third + 1000 < numel, numel
+        for start, count in ranges:
+            out = np.full(count + 3, np.nan, np.float32)
+            reader.read(start, count, out)
+            assert np.array_equal(
+                out[:count].view(np.uint32), expected[start : start + count].view(np.uint32)
+            )
+            assert np.isnan(out[count:]).all()  # nothing written past ``count``
+        reader.finish()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def test_lowrank_decoding_runs_on_one_blas_thread_and_restores_the_count():
+    """OpenBLAS's own threads spin against the engine's writer thread (a 4x slower port under load):
+    decoders multiply on one thread, and the user's setting is back afterwards, even after an error."""
+    from hf_residual.codecs import blas
+
+    before = blas.threads()
+    if before is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS found in this process")
+    with blas.one_thread():
+        assert blas.threads() == 1
+    assert blas.threads() == before
+    with pytest.raises(ValueError, match="inside"), blas.one_thread():
+        raise ValueError("inside")
+    assert blas.threads() == before

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hf_residual._version import __version__
-from hf_residual.codecs import registry
-from hf_residual.codecs.lowrank import product
+from hf_residual.codecs import blas, registry
 from hf_residual.codecs.store import NUMPY_DTYPES, from_bf16_bits
 from hf_residual.core.checkpoint import Checkpoint, open_checkpoint
 from hf_residual.core.jobs import DecodedInfo, is_decoded
@@ -244,7 +246,15 @@ class SparseReader(Reader):
 
 
 class LowRankReader(Reader):
-    """``B[rows] @ A`` for the rows a block covers: ``A`` (rank x in) read once, rows of ``B`` as needed."""
+    """``B[rows] @ A`` for the rows a block covers: ``A`` (rank x in) read once, rows of ``B`` as needed.
+
+    The product goes into a reused float64 buffer on one BLAS thread (``blas.one_thread``) and is rounded
+    once: the values of ``lowrank.product`` (float64 sums of exact products, rounded once), with no
+    temporary arrays per block. Decode-ahead: after each read, the block that follows (same length) is
+    decoded on a worker thread while the engine reads and combines its other inputs; the next read takes
+    it if it asks for exactly that range, else decodes its own (``HF_RESIDUAL_DECODE_AHEAD=0``: never
+    ahead). Only one decode runs at a time per reader, so its part readers hash ``B`` in order.
+    """
 
     def __init__(self, decoder: Decoder, parts: dict[str, PartReader]) -> None:
         super().__init__(decoder, parts)
@@ -252,22 +262,71 @@ class LowRankReader(Reader):
         self.a = self.finite(a.values(0, a.part.info.numel), "lora_A").reshape(a.part.info.shape)
         self.a64 = self.a.astype(np.float64)
         self.rank = self.a.shape[0]
+        self.numel = int(np.prod(decoder.shape))
+        self.wide = np.empty(0, np.float64)  # the float64 product of the rows a block covers
+        self.ahead: tuple[int, int, Future] | None = None  # (start, count, decode) of the next block
+        self.early = np.empty(0, np.float32)  # the values decoded ahead
 
     def _read(self, start: int, count: int, out: np.ndarray) -> None:
-        first, last = start // self.cols, (start + count - 1) // self.cols
-        b = self.finite(self.parts["lora_B"].values(first * self.rank, (last + 1) * self.rank), "lora_B")
-        b = b.reshape(last - first + 1, self.rank)
-        skip = start - first * self.cols
-        if first == last:  # part of one row: only its columns
-            values = product(b, self.a64[:, skip : skip + count])
+        if self._take_ahead(start, count):
+            np.copyto(out[:count], self.early[:count])
         else:
-            values = product(b, self.a64).reshape(-1)[skip : skip + count]
-        np.copyto(out[:count], values.reshape(-1))
+            self._decode(start, count, out)
+        following = start + count
+        if DECODE_AHEAD and following < self.numel:
+            n = min(count, self.numel - following)
+            if self.early.size < n:
+                self.early = np.empty(n, np.float32)
+            self.ahead = (following, n, _pool().submit(self._decode, following, n, self.early))
+
+    def _take_ahead(self, start: int, count: int) -> bool:
+        """Wait for the block decoded ahead (its errors raise here); whether it is ``start:start+count``."""
+        if self.ahead is None:
+            return False
+        begin, n, decoding = self.ahead
+        self.ahead = None
+        decoding.result()
+        return (begin, n) == (start, count)
+
+    def _decode(self, start: int, count: int, out: np.ndarray) -> None:
+        first, last = start // self.cols, (start + count - 1) // self.cols
+        rows = last - first + 1
+        b = self.finite(self.parts["lora_B"].values(first * self.rank, (last + 1) * self.rank), "lora_B")
+        b64 = b.astype(np.float64).reshape(rows, self.rank)
+        skip = start - first * self.cols
+        if self.wide.size < rows * self.cols:
+            self.wide = np.empty(rows * self.cols, np.float64)
+        with blas.one_thread():
+            if first == last:  # part of one row: only its columns
+                wide = self.wide[:count].reshape(1, count)
+                np.matmul(b64, self.a64[:, skip : skip + count], out=wide)
+                skip = 0
+            else:
+                wide = self.wide[: rows * self.cols].reshape(rows, self.cols)
+                np.matmul(b64, self.a64, out=wide)
+        np.copyto(out[:count], wide.reshape(-1)[skip : skip + count], casting="same_kind")
+
+    def finish(self) -> None:
+        self._take_ahead(-1, 0)  # a block decoded ahead that no read took: its bytes were read in order
+        super().finish()
 
     def whole(self) -> np.ndarray:
         """Older versions decoded ``B @ A`` as one float32 matrix product: that is what they hashed."""
         b = self.parts["lora_B"].values(0, self.parts["lora_B"].part.info.numel)
         return (b.reshape(-1, self.rank) @ self.a).astype(np.float32, copy=False)
+
+
+DECODE_AHEAD = os.environ.get("HF_RESIDUAL_DECODE_AHEAD", "1") != "0"
+_workers: list[ThreadPoolExecutor] = []
+_workers_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The one worker thread that decodes lowrank blocks ahead (started on first use)."""
+    with _workers_lock:
+        if not _workers:
+            _workers.append(ThreadPoolExecutor(1, thread_name_prefix="hf-residual-decode"))
+    return _workers[0]
 
 
 READERS: dict[str, type[Reader]] = {

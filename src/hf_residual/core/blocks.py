@@ -5,11 +5,12 @@ norms, the lossless round-trip count, and the message naming the input that hold
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 
 import numpy as np
 
 from hf_residual.core import fp8, fused, kernels
-from hf_residual.core.jobs import Segment, Source, TensorJob
+from hf_residual.core.jobs import Segment, Source, TensorJob, is_decoded
 from hf_residual.core.safetensors_io import ITEMSIZE
 from hf_residual.core.writer import Files, InputDigests
 
@@ -19,7 +20,7 @@ def non_finite_message(
 ) -> str:
     """Say which input holds NaN/Inf, or that the result overflowed the output dtype."""
     for role, source in (("plus", segment.plus), ("minus", segment.minus), ("addend", segment.addend)):
-        if source is None:
+        if source is None or is_decoded(source.info):  # encoded: its reader refuses NaN/Inf in its parts
             continue
         values = buffers.tmp[: stop - start]
         kernels.decode(
@@ -79,8 +80,13 @@ def read_view(
     files: Files,
     buffers: kernels.BlockBuffers,
     digests: InputDigests,
+    decode: Callable[[Source, int, int, np.ndarray], None] | None = None,
 ) -> np.ndarray:
     info = source.info
+    if is_decoded(info):  # an encoded residual: its codec's reader decodes into float32, fused after
+        values = buffers.raws[role][: count * 4].view(np.float32)
+        decode(source, offset, count, values)
+        return values
     if fp8.is_scaled(info):  # FP8: dequantized to float32 here (table and block scales), fused after
         values = buffers.raws[role][: count * 4].view(np.float32)
         element = source.start + offset
@@ -109,7 +115,9 @@ def run_fused(
     out_dtype: str,
     digests: InputDigests,
     read_mode: str = "pread",
+    decode: Callable[[Source, int, int, np.ndarray], None] | None = None,
 ) -> int:
+    """One block through a fused kernel; ``decode`` reads encoded inputs (``DecodedInfo``) as float32."""
     target = out[: count * ITEMSIZE[out_dtype]].view(fused.VIEW_DTYPES[out_dtype])
     alpha = np.float32(segment.alpha)
     if read_mode == "mmap":
@@ -119,13 +127,13 @@ def run_fused(
                 (r, s) for r, s in enumerate((segment.plus, segment.minus, segment.addend)) if s is not None
             ]
             views = [
-                read_view(role, s, offset, count, files, buffers, digests)
-                if fp8.is_scaled(s.info)
+                read_view(role, s, offset, count, files, buffers, digests, decode)
+                if _copied(s)
                 else maps.view(files.fd(s.info.file), s, offset, count)
                 for role, s in roles
             ]
             for k, (_, source) in enumerate(roles):  # no name left holding a view: maps.close() unmaps
-                if not fp8.is_scaled(source.info):
+                if not _copied(source):
                     digests.feed(source, source.start + offset, count, views[k])
             worst = call_kernel(kernel, views, alpha, target)
             del views
@@ -133,11 +141,16 @@ def run_fused(
             maps.close()
         return worst
     views = [
-        read_view(role, s, offset, count, files, buffers, digests)
+        read_view(role, s, offset, count, files, buffers, digests, decode)
         for role, s in enumerate((segment.plus, segment.minus, segment.addend))
         if s is not None
     ]
     return call_kernel(kernel, views, alpha, target)
+
+
+def _copied(source: Source) -> bool:
+    """Inputs the mmap mode cannot map as they are stored: FP8 (dequantized) and encoded ones (decoded)."""
+    return fp8.is_scaled(source.info) or is_decoded(source.info)
 
 
 def call_kernel(kernel, views: list[np.ndarray], alpha: np.float32, target: np.ndarray) -> int:

@@ -165,7 +165,7 @@ def _run_job(
             if kernel is not None:
                 out = writer.free.get()
                 worst = blocks.run_fused(
-                    kernel, segment, offset, count, files, buffers, out, out_dtype, digests, READ_MODE
+                    kernel, segment, offset, count, files, buffers, out, out_dtype, digests, READ_MODE, decode
                 )
                 if kernels.overflows(worst, out_dtype):
                     writer.free.put(out)
@@ -378,7 +378,6 @@ def _fused_kernel(segment: Segment, out_dtype: str):
         not fused.AVAILABLE
         or segment.roundtrip_of is not None
         or segment.method is not None
-        or any(is_decoded(s.info) for s in sources)  # encoded inputs: numpy path (``_Decode``)
         or out_dtype not in fused.VIEW_DTYPES
         or any(s.info.dtype not in fused.VIEW_DTYPES and not fp8.is_scaled(s.info) for s in sources)
     ):

@@ -42,8 +42,9 @@ class DecodedInfo(TensorInfo):
     """An input tensor stored encoded (a lossy codec's parts), read as float32 a block at a time.
 
     ``dtype`` is F32 (what the arithmetic sees); ``file``/``offset`` name its first stored part, for
-    messages only. The engine reads it with ``decoder.open(...).read`` on its numpy path (no fused
-    kernel), so compressed residuals are applied in the stream with no decoded copy on disk.
+    messages only. The engine reads it with ``decoder.open(...).read`` into a float32 block, which the
+    fused kernel (or the numpy path) then combines like any float32 input, so compressed residuals are
+    applied in the stream with no decoded copy on disk.
     """
 
     decoder: BlockDecoder
