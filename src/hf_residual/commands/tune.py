@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=24,
         metavar="N",
-        help="candidates in all, alpha = 1 first (default: 24); a re-run with a larger N continues the search",
+        help="distinct candidates in all, alpha = 1 first (default: 24; a repeated proposal is not counted); "
+        "a re-run with a larger N continues the search",
     )
     parser.add_argument(
         "--if-prompts",

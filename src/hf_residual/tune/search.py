@@ -24,6 +24,9 @@ from hf_residual.tune.space import DIMENSIONS, Candidate, first_params, space_fo
 
 EVAL_VERSION = "1"  # part of every cache key: bump when scoring changes
 STARTUP_TRIALS = 8  # random trials before TPE models the front (fixed, so a larger budget continues a run)
+# A proposal already evaluated in this run is told its scores again and does not count against the budget
+# (small grids repeat: alpha alone has 21 values); after this many asks per candidate the run stops.
+ASKS_PER_CANDIDATE = 4
 
 
 @dataclass
@@ -143,21 +146,30 @@ def _sampler(seed: int):
 
 
 def run_search(evaluator: _Evaluator, space, budget: int, seed: int, progress: bool) -> list[dict]:
-    """``budget`` trials of a seeded two-objective study (IF, knowledge), alpha = 1 enqueued first, then
-    the plain methods (``space.first_params``)."""
+    """``budget`` distinct candidates from a seeded two-objective study (IF, knowledge), alpha = 1 enqueued
+    first, then the plain methods and the ends of the alpha range (``space.first_params``); fewer when the
+    sampler keeps proposing candidates it has seen (a space smaller than the budget)."""
     import optuna
     from tqdm.auto import tqdm
 
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=_sampler(seed))
     for params in first_params(space):
         study.enqueue_trial(params)
-    records = []
+    records: list[dict] = []
+    seen: dict = {}  # candidate -> its record: a repeated proposal is told its scores and not counted
     with tqdm(total=budget, desc="tune", unit="candidate", disable=not progress) as bar:
-        for number in range(budget):
+        for _ in range(budget * ASKS_PER_CANDIDATE):
+            if len(records) == budget:
+                break
             trial = study.ask()
-            record = evaluator.candidate(suggest(trial, space), number, dict(trial.params))
-            study.tell(trial, [record["if"], record["knowledge"]])
-            records.append(record)
+            candidate = suggest(trial, space)
+            repeated = candidate in seen
+            if not repeated:
+                seen[candidate] = evaluator.candidate(candidate, trial.number, dict(trial.params))
+                records.append(seen[candidate])
+            study.tell(trial, [seen[candidate]["if"], seen[candidate]["knowledge"]])
+            if repeated:
+                continue
             best = max(records, key=lambda r: (r["if"], r["knowledge"]))
             bar.set_postfix(new=evaluator.evaluated, cached=evaluator.reused, best_if=f"{best['if']:.2f}")
             bar.update()

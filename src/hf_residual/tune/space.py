@@ -115,15 +115,22 @@ def suggest(trial, space: Space) -> Candidate:
 def first_params(space: Space) -> list[dict]:
     """The trials enqueued first: alpha = 1, every factor 1, task arithmetic (the paper's port, the
     reference); then, when the method is searched, each other method in its plain form at alpha = 1
-    (``ties`` and ``dare`` at 0.5), so every method is on the table whatever the budget."""
+    (``ties`` and ``dare`` at 0.5), so every method is on the table whatever the budget; then, when alpha
+    is searched, task arithmetic at both ends of the alpha range (0.5 and 1.5). The ends show how far the
+    trade reaches, and they find a residual whose scale is off (one over-scaled 2x is restored by alpha 0.5),
+    which random start-up draws over 21 alphas and 5+ other dimensions miss at small budgets
+    (docs/TUNE.md)."""
     params: dict = {"alpha": 1.0} if "alpha" in space.dimensions else {}
     if "groups" in space.dimensions:
         params.update({f"x_{g}": 1.0 for g in (*space.modules, *space.bands)})
-    if "method" not in space.dimensions:
-        return [params]
-    plain = [{"method": "task_arithmetic"}, {"method": "orthogonal"}]
-    plain += [{"method": "ties", "density": 0.5}, {"method": "dare", "p": 0.5}]
-    return [{**params, **method} for method in plain]
+    first = [params]
+    if "method" in space.dimensions:
+        plain = [{"method": "task_arithmetic"}, {"method": "orthogonal"}]
+        plain += [{"method": "ties", "density": 0.5}, {"method": "dare", "p": 0.5}]
+        first = [{**params, **method} for method in plain]
+    if "alpha" in space.dimensions:
+        first += [{**first[0], "alpha": end} for end in (ALPHA_RANGE[0], ALPHA_RANGE[1])]
+    return first
 
 
 def alpha_for(alpha: float, factors: dict[str, float], bands: dict[str, tuple[int, ...]]) -> tuple:
