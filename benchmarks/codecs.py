@@ -249,12 +249,18 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=3, help="with --stream: runs of each port (min, median)"
     )
+    parser.add_argument(
+        "--baseline-src",
+        help="with --stream: also port from the compressed residuals with the hf_residual package of this "
+        "src folder (another version's checkout), interleaved, for before/after ratios in one run",
+    )
     parser.add_argument("--stream-layers", type=int, default=28, help="with --stream: layers of the family")
     args = parser.parse_args()
     if args.stream:
         from codecs_stream import run_stream
 
-        run_stream(Path(args.workdir), args.rank, args.repeat, args.stream_layers)
+        baseline = Path(args.baseline_src).resolve() if args.baseline_src else None
+        run_stream(Path(args.workdir), args.rank, args.repeat, args.stream_layers, baseline)
         return
     import torch
 

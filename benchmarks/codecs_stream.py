@@ -171,8 +171,11 @@ def _size(path: Path) -> int:
         return 0
 
 
-def timed_port(residual: Path, cpt: Path, output: Path) -> tuple[float, float, int, str]:
-    """(wall s, peak RSS GiB, largest temporary entry in bytes, its name)."""
+def timed_port(
+    residual: Path, cpt: Path, output: Path, src: Path | None = None
+) -> tuple[float, float, int, str]:
+    """(wall s, peak RSS GiB, largest temporary entry in bytes, its name); ``src``: run hf_residual
+    from that source folder instead (``--baseline-src``)."""
     shutil.rmtree(output, ignore_errors=True)
     os.sync()
     time.sleep(0.5)
@@ -180,8 +183,9 @@ def timed_port(residual: Path, cpt: Path, output: Path) -> tuple[float, float, i
     watch.start()
     command = [sys.executable, "-m", "hf_residual.cli", "port", str(residual), "--to", str(cpt)]
     started = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(src)} if src is not None else None
     done = subprocess.run(
-        ["/usr/bin/time", "-v", *command, "-o", str(output), "-q"], capture_output=True, text=True
+        ["/usr/bin/time", "-v", *command, "-o", str(output), "-q"], capture_output=True, text=True, env=env
     )
     wall = time.perf_counter() - started
     watch.done.set()
@@ -192,7 +196,9 @@ def timed_port(residual: Path, cpt: Path, output: Path) -> tuple[float, float, i
     return wall, rss_kb / 1024**2, watch.largest, watch.largest_name
 
 
-def run_stream(workdir: Path, rank: int, repeat: int, layers: int) -> None:
+def run_stream(workdir: Path, rank: int, repeat: int, layers: int, baseline: Path | None = None) -> None:
+    """``baseline``: a ``src`` folder of another version; its ports from the compressed residuals run
+    interleaved with the others (rows labelled ``(baseline)``), for before/after figures in one run."""
     family = workdir / f"codecs-stream-1.5b-l{layers}"
     build_family(family, layers)
     residuals = extract_residuals(family, rank)
@@ -204,10 +210,18 @@ def run_stream(workdir: Path, rank: int, repeat: int, layers: int) -> None:
     for path in cpt.glob("*.safetensors"):  # warm the page cache
         path.read_bytes()
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    runs: dict[str, list] = {label: [] for label in residuals}
+    kinds = [(label, folder, None) for label, folder in residuals.items()]
+    if baseline is not None:
+        kinds += [
+            (f"{label} (baseline)", folder, baseline)
+            for label, folder in residuals.items()
+            if label != "bfloat16"
+        ]
+        sizes.update({label: sizes[label.split(" ")[0]] for label, _, _ in kinds})
+    runs: dict[str, list] = {label: [] for label, _, _ in kinds}
     for _ in range(repeat):
-        for label, folder in residuals.items():
-            runs[label].append(timed_port(folder, cpt, outputs / "ported"))
+        for label, folder, src in kinds:
+            runs[label].append(timed_port(folder, cpt, outputs / "ported", src))
             print(f"  {label}: {runs[label][-1][0]:.2f} s, {runs[label][-1][1]:.2f} GiB", flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     dense_min = min(r[0] for r in runs["bfloat16"])

@@ -252,6 +252,7 @@ def _no_fused_kernel(monkeypatch):
         ("lowrank:4", "mmap"),
         ("lowrank:4", "numpy"),
         ("lowrank:4", "no decode-ahead"),
+        ("bitdelta,scale=row,embeddings=compress", "no decode-ahead"),
         ("bitdelta,scale=row,embeddings=compress", "mmap"),
         ("bitdelta,scale=row,embeddings=compress", "numpy"),
     ],
@@ -289,16 +290,15 @@ def test_encoded_inputs_take_the_fused_kernel(llama, residuals, tmp_path, monkey
     assert (True, True) in chosen and (True, False) not in chosen, chosen
 
 
-def test_a_lowrank_reader_read_out_of_order_gives_the_product_and_checks_its_digests(residuals):
-    """Reads of any lengths, out of order (the decode-ahead guess then misses), equal ``product`` of the
-    whole matrix bit for bit, and ``finish`` still checks every stored byte against its digest."""
-    folder = residuals["lowrank:4"]
+@pytest.mark.parametrize("spec", ["lowrank:4", "bitdelta,scale=row,embeddings=compress"])
+def test_a_reader_read_out_of_order_gives_the_reference_and_checks_its_digests(residuals, spec):
+    """Reads of any lengths, out of order (the decode-ahead guess then misses), equal the whole-tensor
+    reference bit for bit, and ``finish`` still checks every stored byte against its digest."""
+    folder = residuals[spec]
     _, checkpoint = stream.open_residual(folder)
     name = "model.layers.1.mlp.down_proj.weight"
     info = checkpoint.tensors[name]
-    stored = _stored(folder)
-    b, a = (_float(stored[f"{name}.{p}"]) for p in ("lora_B", "lora_A"))
-    expected = (b.astype(np.float64) @ a.astype(np.float64)).astype(np.float32).reshape(-1)
+    expected = _reference_residual(folder)[name].reshape(-1)
     fds: dict[Path, int] = {}
     reader = info.decoder.open(lambda path: fds.setdefault(path, os.open(path, os.O_RDONLY)))
     try:

@@ -124,23 +124,53 @@ class Decoder:
 
 
 class Reader:
-    """Common to every codec's reader: the legacy check, non-finite parts, ``finish``."""
+    """Common to every codec's reader: decode-ahead, the legacy check, non-finite parts, ``finish``.
+
+    Decode-ahead (readers with ``AHEAD``: lowrank, bitdelta): after each read, the block that follows
+    (same length, from where this one stopped) is decoded on a worker thread while the engine reads and
+    combines the block's other inputs; the next read takes it if it asks for exactly that range, else
+    decodes its own (``HF_RESIDUAL_DECODE_AHEAD=0``: never ahead). One decode at a time per reader, so
+    its part readers still hash every stored byte once, in order.
+    """
+
+    AHEAD = False
 
     def __init__(self, decoder: Decoder, parts: dict[str, PartReader]) -> None:
         self.decoder, self.parts = decoder, parts
         self.cols = decoder.shape[-1] if len(decoder.shape) == 2 else max(1, int(np.prod(decoder.shape)))
+        self.numel = int(np.prod(decoder.shape))
         self.legacy = hashlib.sha256() if decoder.legacy_sha256 else None
         self.next = 0  # legacy: the element the decoded-values digest expects next
         self.in_order = True
+        self.ahead: tuple[int, int, Future] | None = None  # (start, count, decode) of the next block
+        self.early = np.empty(0, np.float32)  # the values decoded ahead
 
     def read(self, start: int, count: int, out: np.ndarray) -> None:
-        self._read(start, count, out)
+        if self._take_ahead(start, count):
+            np.copyto(out[:count], self.early[:count])
+        else:
+            self._read(start, count, out)
+        following = start + count
+        if self.AHEAD and DECODE_AHEAD and following < self.numel:
+            n = min(count, self.numel - following)
+            if self.early.size < n:
+                self.early = np.empty(n, np.float32)
+            self.ahead = (following, n, _pool().submit(self._read, following, n, self.early))
         if self.legacy is not None:
             if start == self.next and self.in_order:
                 self.legacy.update(out[:count].tobytes())
                 self.next += count
             else:  # not read once in order: the whole tensor is decoded again at the end
                 self.in_order = False
+
+    def _take_ahead(self, start: int, count: int) -> bool:
+        """Wait for the block decoded ahead (its errors raise here); whether it is ``start:start+count``."""
+        if self.ahead is None:
+            return False
+        begin, n, decoding = self.ahead
+        self.ahead = None
+        decoding.result()
+        return (begin, n) == (start, count)
 
     def _read(self, start: int, count: int, out: np.ndarray) -> None:
         raise NotImplementedError
@@ -154,12 +184,12 @@ class Reader:
         return values
 
     def finish(self) -> None:
+        self._take_ahead(-1, 0)  # a block decoded ahead that no read took: its bytes were read in order
         for part in self.parts.values():
             part.check(self.decoder.name)
         if self.legacy is None:
             return
-        numel = int(np.prod(self.decoder.shape))
-        if self.in_order and self.next == numel and self.decoder.kind != "lowrank":
+        if self.in_order and self.next == self.numel and self.decoder.kind != "lowrank":
             digest = self.legacy.hexdigest()
         else:
             digest = sha256_of(self.whole())
@@ -185,7 +215,9 @@ class DenseReader(Reader):
 
 
 class BitDeltaReader(Reader):
-    """``scale * sign``: the sign bytes of the range (8 elements a byte), scales read once."""
+    """``scale * sign``: the sign bytes of the range (8 elements a byte), scales read once; decoded ahead."""
+
+    AHEAD = True
 
     def __init__(self, decoder: Decoder, parts: dict[str, PartReader]) -> None:
         super().__init__(decoder, parts)
@@ -250,11 +282,10 @@ class LowRankReader(Reader):
 
     The product goes into a reused float64 buffer on one BLAS thread (``blas.one_thread``) and is rounded
     once: the values of ``lowrank.product`` (float64 sums of exact products, rounded once), with no
-    temporary arrays per block. Decode-ahead: after each read, the block that follows (same length) is
-    decoded on a worker thread while the engine reads and combines its other inputs; the next read takes
-    it if it asks for exactly that range, else decodes its own (``HF_RESIDUAL_DECODE_AHEAD=0``: never
-    ahead). Only one decode runs at a time per reader, so its part readers hash ``B`` in order.
+    temporary arrays per block; decoded ahead (``Reader``).
     """
+
+    AHEAD = True
 
     def __init__(self, decoder: Decoder, parts: dict[str, PartReader]) -> None:
         super().__init__(decoder, parts)
@@ -262,33 +293,9 @@ class LowRankReader(Reader):
         self.a = self.finite(a.values(0, a.part.info.numel), "lora_A").reshape(a.part.info.shape)
         self.a64 = self.a.astype(np.float64)
         self.rank = self.a.shape[0]
-        self.numel = int(np.prod(decoder.shape))
         self.wide = np.empty(0, np.float64)  # the float64 product of the rows a block covers
-        self.ahead: tuple[int, int, Future] | None = None  # (start, count, decode) of the next block
-        self.early = np.empty(0, np.float32)  # the values decoded ahead
 
     def _read(self, start: int, count: int, out: np.ndarray) -> None:
-        if self._take_ahead(start, count):
-            np.copyto(out[:count], self.early[:count])
-        else:
-            self._decode(start, count, out)
-        following = start + count
-        if DECODE_AHEAD and following < self.numel:
-            n = min(count, self.numel - following)
-            if self.early.size < n:
-                self.early = np.empty(n, np.float32)
-            self.ahead = (following, n, _pool().submit(self._decode, following, n, self.early))
-
-    def _take_ahead(self, start: int, count: int) -> bool:
-        """Wait for the block decoded ahead (its errors raise here); whether it is ``start:start+count``."""
-        if self.ahead is None:
-            return False
-        begin, n, decoding = self.ahead
-        self.ahead = None
-        decoding.result()
-        return (begin, n) == (start, count)
-
-    def _decode(self, start: int, count: int, out: np.ndarray) -> None:
         first, last = start // self.cols, (start + count - 1) // self.cols
         rows = last - first + 1
         b = self.finite(self.parts["lora_B"].values(first * self.rank, (last + 1) * self.rank), "lora_B")
@@ -305,10 +312,6 @@ class LowRankReader(Reader):
                 wide = self.wide[: rows * self.cols].reshape(rows, self.cols)
                 np.matmul(b64, self.a64, out=wide)
         np.copyto(out[:count], wide.reshape(-1)[skip : skip + count], casting="same_kind")
-
-    def finish(self) -> None:
-        self._take_ahead(-1, 0)  # a block decoded ahead that no read took: its bytes were read in order
-        super().finish()
 
     def whole(self) -> np.ndarray:
         """Older versions decoded ``B @ A`` as one float32 matrix product: that is what they hashed."""
