@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from hf_residual import api
 from hf_residual.codecs import stream
 from hf_residual.codecs.folders import encode_folder
-from hf_residual.core import engine
+from hf_residual.core import engine, fused
 from hf_residual.core.jobs import is_decoded
 from hf_residual.core.safetensors_io import read_header
 from hf_residual.errors import VerificationError
@@ -253,6 +253,8 @@ def _no_fused_kernel(monkeypatch):
         ("lowrank:4", "numpy"),
         ("lowrank:4", "no decode-ahead"),
         ("bitdelta,scale=row,embeddings=compress", "no decode-ahead"),
+        ("bitdelta,scale=row,embeddings=compress", "no numba"),
+        ("bitdelta", "no numba"),
         ("bitdelta,scale=row,embeddings=compress", "mmap"),
         ("bitdelta,scale=row,embeddings=compress", "numpy"),
     ],
@@ -261,11 +263,13 @@ def test_every_engine_path_decodes_compressed_inputs_to_the_reference_bits(
     llama, residuals, spec, path, tmp_path, monkeypatch, small_blocks
 ):
     """The fused kernels take encoded inputs decoded into float32 (pread and mmap modes); the numpy path
-    (norms, ties/dare) and a lowrank reader that never decodes ahead give the same bits."""
+    (norms, ties/dare), readers that never decode ahead and bitdelta's numpy decoder give the same bits."""
     if path == "mmap":
         monkeypatch.setattr(engine, "READ_MODE", "mmap")
     elif path == "numpy":
         _no_fused_kernel(monkeypatch)
+    elif path == "no numba":  # numpy decodes the signs (not ``fused.signs_block``) and combines
+        monkeypatch.setattr(fused, "AVAILABLE", False)
     else:
         monkeypatch.setattr(stream, "DECODE_AHEAD", False)
     api.port(residuals[spec], llama.cpt, tmp_path / "ported", alpha=ALPHA, progress=False)

@@ -8,8 +8,8 @@ Stored dtypes travel as numpy views: bfloat16 as ``uint16``, float16 as ``int16`
 ``float32``. Each kernel returns the largest ``|x|`` of the float32 results as a bit pattern, so the caller
 finds NaN, Inf and overflow of the output dtype with one comparison.
 
-Loaded on first use: the kernels (``port_block``, ``apply_block``, ``copy_block``, ``dequant_block``, in
-``fused_jit``) and ``AVAILABLE`` are looked up through this module's ``__getattr__``, which imports numba
+Loaded on first use: the kernels (``port_block``, ``apply_block``, ``copy_block``, ``dequant_block``,
+``signs_block`` for bitdelta, in ``fused_jit``) and ``AVAILABLE`` are looked up through this module's ``__getattr__``, which imports numba
 and loads the cached machine code the first time the engine asks for one. Importing numba and its first
 dispatch cost about 0.5-1 s; ``hf-residual --help``, argument errors and anything that fails before the
 engine runs never pay it (tests/test_startup.py). If numba cannot be imported, ``AVAILABLE`` is False and
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import numpy as np
 
 VIEW_DTYPES = {"BF16": np.uint16, "F16": np.int16, "F32": np.float32}
-KERNELS = ("port_block", "apply_block", "copy_block", "dequant_block")
+KERNELS = ("port_block", "apply_block", "copy_block", "dequant_block", "signs_block")
 
 _lock = threading.Lock()
 

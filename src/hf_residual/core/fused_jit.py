@@ -138,3 +138,24 @@ def dequant_block(codes, table, rows, start, cols, block_rows, out):
         k += n
         row += 1
         col = 0
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def signs_block(packed, first_bit, scales, start, cols, out):
+    """bitdelta: ``out[k] = scale`` if sign bit ``first_bit + k`` of ``packed`` is 1 (most significant bit
+    first, as ``np.unpackbits``), else ``-scale``; element ``start + k`` of a ``cols``-column matrix takes
+    ``scales[row]`` (one scale for the whole tensor: ``scales`` of length 1 and ``cols`` its size)."""
+    count = out.size
+    row = start // cols
+    col = start - row * cols
+    k = 0
+    while k < count:
+        scale = scales[row]
+        n = min(cols - col, count - k)
+        for j in range(n):
+            bit = first_bit + k + j
+            positive = (packed[bit >> 3] >> (7 - (bit & 7))) & 1
+            out[k + j] = scale if positive else -scale
+        k += n
+        row += 1
+        col = 0
