@@ -169,6 +169,70 @@ def test_cli_rejects_a_bad_setting_before_building_anything(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_balanced_replay_trains_on_the_sum_of_the_two_parts_mean_losses():
+    """DocChat's derived model: with_replay(balanced=True) draws the same replay rows as the pooled batch, and
+    train() steps on mean(answer tokens' loss) + mean(replay tokens' loss), recomputed here in float32 from
+    the logits; the pooled mean (one mean over both) is far from it, the effect the setting exists for."""
+    import copy
+
+    import torch
+
+    from hf_residual.demo import training
+    from hf_residual.demo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(["Zorvan lives in Amsel. The bridge stands by the hill."] * 4, 300)
+    model = training.new_model(training.ModelShape(32, 1, 2, 64), tok, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(5, len(tok), (20, 16), generator=gen)
+    ids = torch.randint(5, len(tok), (4, 10), generator=gen)
+    labels = ids.clone()
+    labels[:, :7] = training.IGNORE  # loss on the last 3 tokens (the "answer") only
+    batch = {"input_ids": ids, "labels": labels}
+    pooled = training.with_replay([batch], rows, 3, seed=1)[0]
+    (balanced,) = training.with_replay([batch], rows, 3, seed=1, balanced=True)
+    answer, replay = balanced["parts"]
+    assert answer is batch and torch.equal(replay["input_ids"], pooled["input_ids"][4:])
+    assert torch.equal(replay["labels"], replay["input_ids"])
+
+    def mean_loss(m, part) -> torch.Tensor:
+        logits = m(input_ids=part["input_ids"]).logits.float()
+        target = part["labels"][:, 1:]
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=training.IGNORE
+        )
+
+    with torch.no_grad():
+        expected = float(mean_loss(model, answer) + mean_loss(model, replay))
+        pooled_expected = float(mean_loss(model, pooled))
+    (got,) = training.train(copy.deepcopy(model), [balanced], training.Schedule(1e-3, 1))
+    (got_pooled,) = training.train(copy.deepcopy(model), [pooled], training.Schedule(1e-3, 1))
+    assert got == pytest.approx(expected, rel=1e-6) and got_pooled == pytest.approx(pooled_expected, rel=1e-6)
+    assert abs(got - got_pooled) > 1.0  # the sum of two means, about twice the pooled mean
+
+
+def test_models_with_identical_weights_are_evaluated_once(tmp_path):
+    """The tuned rows equal the plain port when tune keeps it: the evaluation scores such a folder once (the
+    same weights, config and tokenizer), and scores a folder that differs in one bit on its own."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hf_residual.demo import evaluate
+
+    weights = {"w": torch.arange(6, dtype=torch.float32)}
+    paths = {name: tmp_path / name for name in ("ported-L", "tuned-L", "other")}
+    for name, path in paths.items():
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+        changed = {"w": weights["w"].clone()}
+        if name == "other":
+            changed["w"].view(torch.int32)[0] ^= 1  # one bit of one weight
+        save_file(changed, path / "model.safetensors")
+    calls = []
+    scores = evaluate.scores_by_weights(paths, lambda path: calls.append(path.name) or {"of": path.name})
+    assert calls == ["ported-L", "other"]
+    assert scores == {"ported-L": {"of": "ported-L"}, "tuned-L": {"of": "ported-L"}, "other": {"of": "other"}}
+
+
 # The tiny family with the DocChat stage and the tuned rows on (the tiny profile leaves both out, for the
 # Space's first start), tuned by the tuner `hf-residual demo` passes.
 TINY_EXTRAS = {"docchat_train": 1600, "tune_budget": 2}
@@ -348,15 +412,39 @@ def test_two_fresh_demo_runs_print_the_same_table(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_quick_profile_shows_the_papers_pattern(tmp_path, seed):
-    """The issue's required pattern at every CPT size (checks in report.pattern_checks), for 3 seeds."""
-    result = run_demo(tmp_path / "quick", profile="quick", seed=seed, log=lambda _: None)
+@pytest.mark.parametrize("profile", ["quick", "full"])
+def test_profile_shows_the_papers_pattern(tmp_path, profile, seed):
+    """The issue's required pattern at every CPT size (checks in report.pattern_checks), for 3 seeds, in the
+    quick profile and in full (a model twice as large, ported at alpha 0.9; its DocChat stage, which the
+    checks do not read, is left out to keep the slow set short)."""
+    prof = get_profile(profile).with_changes(**({"docchat_train": 0} if profile == "full" else {}))
+    result = run_demo(tmp_path / profile, profile=prof, seed=seed, log=lambda _: None)
     rows = {r["model"]: r for r in result.rows}
     failed = [c for c in result.checks if not c["passed"]]
     assert not failed, json.dumps(result.checks, indent=1)
-    assert rows["instruct"]["if_strict"] >= 0.7  # measured 0.83 / 0.87 / 0.94 for seeds 0 / 1 / 2
-    # CPT taught B (measured 0.06 -> 0.90, 0.13 -> 0.58, 0.13 -> 0.88 at the largest size).
+    # measured 0.83 / 0.87 / 0.94 (quick) and 0.91 / 0.93 / 0.92 (full) for seeds 0 / 1 / 2
+    assert rows["instruct"]["if_strict"] >= 0.7
+    # CPT taught B (quick: 0.06 -> 0.90, 0.13 -> 0.58, 0.13 -> 0.88 at the largest size).
     assert rows["cpt-base-L"]["know_b"] >= rows["base"]["know_b"] + 0.3
+    if profile == "quick" and seed == 0:
+        _assert_readme_shows_this_table(result)
+
+
+def _assert_readme_shows_this_table(result) -> None:
+    """README's demo table is this run's, row for row (its tuned rows need the tuner, which this test does not
+    pass): checked where the environment matches the one README names, as README promises."""
+    from pathlib import Path
+
+    from hf_residual.demo import report
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("hf-residual demo, profile quick, seed 0 (", 1)[1].split("```", 1)[0]
+    env_line, *table = block.strip().splitlines()
+    if env_line != report.environment_text(result.environment) + ")":
+        return  # other kernels or versions: a cell may move (docs/DEMO.md, "Reproducibility")
+    printed = {line.split()[0]: line.split() for line in report.text_table(result.rows).splitlines()[2:]}
+    shown = {line.split()[0]: line.split() for line in table[2:]}
+    assert {name: shown.get(name) for name in printed} == printed
 
 
 def test_figure_axes_are_labelled_and_every_legend_entry_is_a_phrase():

@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "its recipe ported at every CPT size) and DocChat in miniature (the paper's Table 4: the base "
             "fine-tuned on answering from a passage, then given the residual; the skill measured by lm-eval "
             "as `hf-residual card --skill-tasks` expects). Built models are cached there and reused when settings match. "
-            "Profiles: quick (default, about a minute on 2 cores), full (larger, about 3 minutes; meets "
-            "the required pattern on seed 0 only, see docs/DEMO.md), tiny (seconds, tests)."
+            "Profiles: quick (default, under 2 minutes on 2 free cores), full (a model twice as large, "
+            "ported at alpha 0.9, about 3 minutes; meets the required pattern on seeds 0-2, see docs/DEMO.md), "
+            "tiny (seconds, tests)."
         ),
     )
     parser.add_argument(

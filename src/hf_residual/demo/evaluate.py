@@ -9,6 +9,7 @@ as most statements do in the corpora: a name's first token differs with and with
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,4 +132,18 @@ def model_scores(path: Path, tok, w: World, max_new_tokens: int, eval_key: str) 
     }
     stage_key = cache.read_info(path).get("key")
     stamp.write_text(json.dumps({"key": eval_key, "stage": stage_key, "scores": scores}, indent=2) + "\n")
+    return scores
+
+
+def scores_by_weights(paths: dict[str, Path], score: Callable[[Path], dict]) -> dict[str, dict]:
+    """``score(path)`` per model, once per set of weights: folders with identical weights, config and
+    tokenizer (the tuned rows when tune keeps the plain port) share one evaluation instead of repeating it."""
+    from hf_residual.evaluation.runner import folder_sha
+
+    scores: dict[str, dict] = {}
+    first: dict[str, str] = {}
+    for name, path in paths.items():
+        sha = folder_sha(path)
+        scores[name] = scores[first[sha]] if sha in first else score(path)
+        first.setdefault(sha, name)
     return scores

@@ -228,6 +228,7 @@ class _Build:
             "docchat_epochs",
             "docchat_lr",
             "docchat_replay",
+            "docchat_balanced",
             "sft_batch",
         )
         with self.clock.stage("derived model (DocChat)"):
@@ -240,7 +241,13 @@ class _Build:
             model = training.load_model(self.paths["base"])
             batches = docchat.training_batches(tok, train, prof.sft_batch, prof.docchat_epochs, self.seed + 5)
             if prof.docchat_replay:
-                batches = training.with_replay(batches, self.data.rows_a, prof.docchat_replay, self.seed + 6)
+                batches = training.with_replay(
+                    batches,
+                    self.data.rows_a,
+                    prof.docchat_replay,
+                    self.seed + 6,
+                    balanced=prof.docchat_balanced,
+                )
             losses = training.train(
                 model, batches, training.Schedule(prof.docchat_lr, max(1, len(batches) // 20))
             )
@@ -315,10 +322,10 @@ class _Build:
         prof, data = self.prof, self.data
         with self.clock.stage("evaluation"):
             eval_key = cache.key("eval", _settings(prof, "max_new_tokens"), data.key, evaluate.VERSION)
-            scores = {
-                name: evaluate.model_scores(path, data.tok, data.world, prof.max_new_tokens, eval_key)
-                for name, path in self.paths.items()
-            }
+            scores = evaluate.scores_by_weights(
+                self.paths,
+                lambda path: evaluate.model_scores(path, data.tok, data.world, prof.max_new_tokens, eval_key),
+            )
         if "derived" in self.paths:
             with self.clock.stage("skill (lm-eval, as card --skill-tasks)"):
                 names = ("base", "instruct", "derived", "derived-ported")
