@@ -337,3 +337,19 @@ def test_lowrank_decoding_runs_on_one_blas_thread_and_restores_the_count():
     with pytest.raises(ValueError, match="inside"), blas.one_thread():
         raise ValueError("inside")
     assert blas.threads() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork: POSIX only")
+def test_a_forked_child_decodes_ahead_on_a_worker_of_its_own(residuals, tmp_path):
+    """A child forked after the parent started its decode worker has no such thread: it starts its own
+    instead of queueing blocks no thread would run (the port would hang)."""
+    assert stream._pool().submit(lambda: 1).result() == 1  # the parent's worker is running
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through its exit status
+        try:
+            done = stream._pool().submit(lambda: 7)
+            os._exit(0 if done.result(timeout=30) == 7 else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

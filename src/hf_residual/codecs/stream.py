@@ -325,16 +325,19 @@ class LowRankReader(Reader):
 
 
 DECODE_AHEAD = os.environ.get("HF_RESIDUAL_DECODE_AHEAD", "1") != "0"
-_workers: list[ThreadPoolExecutor] = []
+_workers: dict[int, ThreadPoolExecutor] = {}
 _workers_lock = threading.Lock()
 
 
 def _pool() -> ThreadPoolExecutor:
-    """The one worker thread that decodes lowrank blocks ahead (started on first use)."""
+    """The one worker thread that decodes blocks ahead, started on first use in each process (a forked
+    child inherits the parent's executor without its thread, which would never run a task)."""
     with _workers_lock:
-        if not _workers:
-            _workers.append(ThreadPoolExecutor(1, thread_name_prefix="hf-residual-decode"))
-    return _workers[0]
+        pool = _workers.get(os.getpid())
+        if pool is None:
+            _workers.clear()
+            pool = _workers[os.getpid()] = ThreadPoolExecutor(1, thread_name_prefix="hf-residual-decode")
+    return pool
 
 
 READERS: dict[str, type[Reader]] = {
