@@ -173,9 +173,9 @@ def _size(path: Path) -> int:
 
 def timed_port(
     residual: Path, cpt: Path, output: Path, src: Path | None = None
-) -> tuple[float, float, int, str]:
-    """(wall s, peak RSS GiB, largest temporary entry in bytes, its name); ``src``: run hf_residual
-    from that source folder instead (``--baseline-src``)."""
+) -> tuple[float, float, int, str, float]:
+    """(wall s, peak RSS GiB, largest temporary entry in bytes, its name, user + system CPU s); ``src``:
+    run hf_residual from that source folder instead (``--baseline-src``)."""
     shutil.rmtree(output, ignore_errors=True)
     os.sync()
     time.sleep(0.5)
@@ -193,7 +193,11 @@ def timed_port(
     if done.returncode != 0:
         raise RuntimeError(f"port failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-    return wall, rss_kb / 1024**2, watch.largest, watch.largest_name
+    cpu = sum(
+        float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", done.stderr).group(1))
+        for kind in ("User", "System")
+    )
+    return wall, rss_kb / 1024**2, watch.largest, watch.largest_name, cpu
 
 
 def run_stream(workdir: Path, rank: int, repeat: int, layers: int, baseline: Path | None = None) -> None:
@@ -222,7 +226,8 @@ def run_stream(workdir: Path, rank: int, repeat: int, layers: int, baseline: Pat
     for _ in range(repeat):
         for label, folder, src in kinds:
             runs[label].append(timed_port(folder, cpt, outputs / "ported", src))
-            print(f"  {label}: {runs[label][-1][0]:.2f} s, {runs[label][-1][1]:.2f} GiB", flush=True)
+            wall, rss, _, _, cpu = runs[label][-1]
+            print(f"  {label}: {wall:.2f} s, {rss:.2f} GiB, CPU {cpu:.2f} s", flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     dense_min = min(r[0] for r in runs["bfloat16"])
     dense_median = statistics.median(r[0] for r in runs["bfloat16"])
@@ -230,9 +235,9 @@ def run_stream(workdir: Path, rank: int, repeat: int, layers: int, baseline: Pat
         f"\nfamily: Qwen2.5-1.5B shape, {layers} layers, output {out_bytes / 1e9:.2f} GB (one shard up to "
         "5 GB)\n"
     )
-    print("| port from | residual size | wall min | wall median | ratio to dense (min / median) | peak RSS | "
-          "largest temporary entry |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("| port from | residual size | wall min | wall median | ratio to dense (min / median) | "
+          "CPU (user + system) median | peak RSS | largest temporary entry |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for label, rows in runs.items():
         walls = [r[0] for r in rows]
         largest = max(rows, key=lambda r: r[2])
@@ -240,5 +245,5 @@ def run_stream(workdir: Path, rank: int, repeat: int, layers: int, baseline: Pat
         print(
             f"| {label} | {sizes[label] / 1e9:.2f} GB | {min(walls):.2f} s | {statistics.median(walls):.2f} s | "
             f"{min(walls) / dense_min:.2f}x / {statistics.median(walls) / dense_median:.2f}x | "
-            f"{max(r[1] for r in rows):.2f} GiB | {temp} |"
+            f"{statistics.median(r[4] for r in rows):.2f} s | {max(r[1] for r in rows):.2f} GiB | {temp} |"
         )
