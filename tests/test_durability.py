@@ -30,11 +30,9 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def _streaming(parent: Path) -> bool:
-    """A staging folder under ``parent`` (at any depth) holds a shard with bytes in it."""
-    for staging in parent.rglob(".*.partial-*"):
-        if any(f.stat().st_size > 0 for f in staging.glob("*.safetensors")):
-            return True
-    return False
+    """A staging folder under ``parent`` (at any depth) holds an open shard. It may have no bytes yet: an
+    O_DIRECT shard is written in 8 MB chunks, so a small one gets its bytes only when it is finished."""
+    return any(any(staging.glob("*.safetensors")) for staging in parent.rglob(".*.partial-*"))
 
 
 def _interrupt_mid_stream(
