@@ -323,7 +323,7 @@ def test_a_reader_read_out_of_order_gives_the_reference_and_checks_its_digests(r
             os.close(fd)
 
 
-def test_lowrank_decoding_runs_on_one_blas_thread_and_restores_the_count():
+def test_lowrank_decoding_caps_the_blas_threads_and_restores_the_count():
     """OpenBLAS's own threads spin against the engine's writer thread (a 4x slower port under load):
     decoders multiply on one thread, and the user's setting is back afterwards, even after an error."""
     from hf_residual.codecs import blas
@@ -333,6 +333,11 @@ def test_lowrank_decoding_runs_on_one_blas_thread_and_restores_the_count():
         pytest.skip("numpy's BLAS is not an OpenBLAS found in this process")
     with blas.one_thread():
         assert blas.threads() == 1
+    assert blas.threads() == before
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert blas.decode_threads() == max(1, cores - 2) == stream.DECODE_THREADS  # main + writer keep 2 cores
+    with blas.one_thread(blas.decode_threads()):
+        assert blas.threads() == min(before, blas.decode_threads())
     assert blas.threads() == before
     with pytest.raises(ValueError, match="inside"), blas.one_thread():
         raise ValueError("inside")

@@ -1,20 +1,23 @@
-"""One BLAS thread while a block decoder multiplies: the engine's blocks are small and its writer
-thread already uses the second core.
+"""Few BLAS threads while a block decoder multiplies: the engine's main and writer threads keep two
+cores busy.
 
 Why: a lowrank block is a ``(rows x rank) @ (rank x cols)`` product of a few hundred rows. OpenBLAS
 splits it over every core by default; in the engine those threads compete with the writer and hasher
 threads (and, on a shared machine, with everything else), and their spin-waiting made a 1.5B port from
 a lowrank:64 residual take 134 s instead of 31 s on a loaded 2-core machine
-(benchmarks/RESULTS.md). One thread is also faster on a quiet machine for products this size.
+(benchmarks/RESULTS.md).
 
-``one_thread()`` sets OpenBLAS's thread count to 1 for the ``with`` block and restores it after (about
-1 us each way). It finds the OpenBLAS that numpy loaded among the libraries mapped into this process
-(``/proc/self/maps``); elsewhere (another BLAS, another OS) it does nothing.
+``one_thread(limit)`` caps OpenBLAS's thread count for the ``with`` block and restores it after (about
+1 us each way); decoders cap it at ``decode_threads()``: the cores less the engine's two busy threads,
+so 1 on a 2-core machine, more where more cores are free. It finds the OpenBLAS that numpy loaded among
+the libraries mapped into this process (``/proc/self/maps``); elsewhere (another BLAS, another OS) it
+does nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,6 +64,13 @@ def _lookup() -> tuple[object, object] | None:
     return None
 
 
+def decode_threads() -> int:
+    """BLAS threads for decoding: the cores this process may use, less two (the engine's main thread and
+    its writer thread), at least one: 1 on a 2-core machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 2)
+
+
 def threads() -> int | None:
     """OpenBLAS's current thread count (None: numpy's BLAS is not an OpenBLAS found here)."""
     found = _openblas()
@@ -68,18 +78,19 @@ def threads() -> int | None:
 
 
 @contextmanager
-def one_thread() -> Iterator[None]:
-    """Run the ``with`` block's BLAS calls on the calling thread only."""
+def one_thread(limit: int = 1) -> Iterator[None]:
+    """Run the ``with`` block's BLAS calls on at most ``limit`` threads (default: the calling thread only;
+    decoders pass ``decode_threads()``)."""
     found = _openblas()
     if found is None:
         yield
         return
     set_threads, get_threads = found
     before = get_threads()
-    if before == 1:
+    if before <= limit:
         yield
         return
-    set_threads(1)
+    set_threads(limit)
     try:
         yield
     finally:

@@ -256,9 +256,9 @@ class SparseReader(Reader):
 class LowRankReader(Reader):
     """``B[rows] @ A`` for the rows a block covers: ``A`` (rank x in) read once, rows of ``B`` as needed.
 
-    The product goes into a reused float64 buffer on one BLAS thread (``blas.one_thread``) and is rounded
-    once: the values of ``lowrank.product`` (float64 sums of exact products, rounded once), with no
-    temporary arrays per block; decoded ahead (``Reader``).
+    The product goes into a reused float64 buffer on ``blas.decode_threads()`` BLAS threads (1 on 2
+    cores) and is rounded once: the values of ``lowrank.product`` (float64 sums of exact products,
+    rounded once), with no temporary arrays per block; decoded ahead (``Reader``).
     """
 
     AHEAD = True
@@ -282,7 +282,7 @@ class LowRankReader(Reader):
         skip = start - first * self.cols
         if self.wide.size < rows * self.cols:
             self.wide = np.empty(rows * self.cols, np.float64)
-        with blas.one_thread():
+        with blas.one_thread(DECODE_THREADS):
             if first == last:  # part of one row: only its columns
                 wide = self.wide[:count].reshape(1, count)
                 np.matmul(b64, self.a64[:, skip : skip + count], out=wide)
@@ -302,6 +302,7 @@ class LowRankReader(Reader):
 
 
 DECODE_AHEAD = os.environ.get("HF_RESIDUAL_DECODE_AHEAD", "1") != "0"
+DECODE_THREADS = blas.decode_threads()
 _workers: dict[int, ThreadPoolExecutor] = {}
 _workers_lock = threading.Lock()
 
