@@ -39,8 +39,8 @@ def _count_direct_shards(monkeypatch) -> list[Path]:
     opened: list[Path] = []
     real = shard_files.DirectShard.open.__func__
 
-    def spy(cls, path, chunk, back):
-        shard = real(cls, path, chunk, back)
+    def spy(cls, path, *args):
+        shard = real(cls, path, *args)
         if shard is not None:
             opened.append(Path(path))
         return shard
@@ -168,3 +168,25 @@ def test_bytes_that_read_back_different_are_refused_naming_the_tensor(tmp_path, 
             shard.finish()
     finally:
         shard.close()
+
+
+def test_verify_writes_off_reads_nothing_back_and_keeps_the_bits(llama, tmp_path, monkeypatch):
+    """``HF_RESIDUAL_VERIFY_WRITES=0`` (the documented opt-out) skips the read-back, nothing else."""
+    reads: list[int] = []
+    real = shard_files.read_all_at
+
+    def spy(fd, out, offset, what):
+        reads.append(out.size)
+        real(fd, out, offset, what)
+
+    monkeypatch.setattr(shard_files, "read_all_at", spy)
+    for verify in (True, False):
+        monkeypatch.setattr(shard_files, "VERIFY_WRITES", verify)
+        reads.clear()
+        out = tmp_path / f"ported-{verify}"
+        hf_residual.port(
+            llama.instruct, to=llama.cpt, base=llama.base, output=out, progress=False, max_shard_size="20KB"
+        )
+        assert matches(out, reference_folders(llama.cpt, llama.instruct, llama.base))
+        written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        assert (sum(reads) >= written) if verify else reads == []

@@ -57,7 +57,7 @@ __all__ = [
 DEFAULT_BLOCK = 1 << int(os.environ.get("HF_RESIDUAL_BLOCK_LOG2", "18"))
 # Blocks the arithmetic may run ahead of the writer (a deeper queue lets it compute while the writer waits
 # for an O_DIRECT chunk; HF_RESIDUAL_WRITE_BUFFERS, measured in benchmarks/RESULTS.md).
-WRITE_BUFFERS = int(os.environ.get("HF_RESIDUAL_WRITE_BUFFERS", "4"))
+WRITE_BUFFERS = int(os.environ.get("HF_RESIDUAL_WRITE_BUFFERS", "24"))
 # How the fused path reads inputs: "pread" (copy into reused buffers) or "mmap" (map each block).
 READ_MODE = os.environ.get("HF_RESIDUAL_READ", "pread")
 
