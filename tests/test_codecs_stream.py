@@ -330,7 +330,7 @@ def test_lowrank_decoding_caps_the_blas_threads_and_restores_the_count():
 
     before = blas.threads()
     if before is None:
-        pytest.skip("numpy's BLAS is not an OpenBLAS found in this process")
+        pytest.skip("threadpoolctl finds no BLAS in this process")
     with blas.one_thread():
         assert blas.threads() == 1
     assert blas.threads() == before

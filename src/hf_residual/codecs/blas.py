@@ -7,61 +7,29 @@ threads (and, on a shared machine, with everything else), and their spin-waiting
 a lowrank:64 residual take 134 s instead of 31 s on a loaded 2-core machine
 (benchmarks/RESULTS.md).
 
-``one_thread(limit)`` caps OpenBLAS's thread count for the ``with`` block and restores it after (about
-1 us each way); decoders cap it at ``decode_threads()``: the cores less the engine's two busy threads,
-so 1 on a 2-core machine, more where more cores are free. It finds the OpenBLAS that numpy loaded among
-the libraries mapped into this process (``/proc/self/maps``); elsewhere (another BLAS, another OS) it
-does nothing.
+``one_thread(limit)`` caps the BLAS thread count for the ``with`` block and restores it after (about
+15 us each way, threadpoolctl); decoders cap it at ``decode_threads()``: the cores less the engine's two
+busy threads, so 1 on a 2-core machine, more where more cores are free. threadpoolctl finds the BLAS
+numpy loaded (OpenBLAS, MKL, BLIS); where it finds none, nothing is capped.
 """
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 
-# (setter, getter) names in the OpenBLAS builds numpy ships or links (64-bit integer suffixes first).
-_SYMBOLS = (
-    ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
-    ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
-    ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
-    ("openblas_set_num_threads", "openblas_get_num_threads"),
-)
-_lock = threading.Lock()
-_found: list[tuple[object, object] | None] = []
 
+@functools.cache
+def _blas():
+    """threadpoolctl's handle on the BLAS libraries loaded in this process (numpy's), found once."""
+    from threadpoolctl import ThreadpoolController
 
-def _openblas() -> tuple[object, object] | None:
-    """numpy's OpenBLAS ``(set_num_threads, get_num_threads)``, looked up once; None if not found."""
-    with _lock:
-        if not _found:
-            _found.append(_lookup())
-    return _found[0]
-
-
-def _lookup() -> tuple[object, object] | None:
     np.dot(np.ones((2, 2)), np.ones((2, 2)))  # make sure numpy's BLAS is loaded
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for setter, getter in _SYMBOLS:
-            if hasattr(lib, setter) and hasattr(lib, getter):
-                set_threads, get_threads = getattr(lib, setter), getattr(lib, getter)
-                set_threads.argtypes, set_threads.restype = [ctypes.c_int], None
-                get_threads.argtypes, get_threads.restype = [], ctypes.c_int
-                return set_threads, get_threads
-    return None
+    return ThreadpoolController().select(user_api="blas")
 
 
 def decode_threads() -> int:
@@ -72,26 +40,18 @@ def decode_threads() -> int:
 
 
 def threads() -> int | None:
-    """OpenBLAS's current thread count (None: numpy's BLAS is not an OpenBLAS found here)."""
-    found = _openblas()
-    return None if found is None else int(found[1]())
+    """numpy's BLAS thread count (None: threadpoolctl found no BLAS here)."""
+    info = _blas().info()
+    return None if not info else int(info[0]["num_threads"])
 
 
 @contextmanager
 def one_thread(limit: int = 1) -> Iterator[None]:
     """Run the ``with`` block's BLAS calls on at most ``limit`` threads (default: the calling thread only;
     decoders pass ``decode_threads()``)."""
-    found = _openblas()
-    if found is None:
+    current = threads()
+    if current is None or current <= limit:
         yield
         return
-    set_threads, get_threads = found
-    before = get_threads()
-    if before <= limit:
+    with _blas().limit(limits=limit):
         yield
-        return
-    set_threads(limit)
-    try:
-        yield
-    finally:
-        set_threads(before)
