@@ -11,6 +11,7 @@ import errno
 import functools
 import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,32 +35,21 @@ class AlignedBuffer:
         self.view = memoryview(self.map)
 
 
-class BufferedShard:
-    """A shard written through the page cache; each block is read back from it right away and compared."""
+def open_pair(path: Path, flag: int = 0) -> tuple[int, int]:
+    """A descriptor writing ``path`` (created or emptied) and one reading it back, both opened with ``flag``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o666)
+    try:
+        return fd, os.open(path, os.O_RDONLY | flag)
+    except BaseException:
+        os.close(fd)
+        raise
 
-    def __init__(self, path: Path, readback: np.ndarray) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            self.read_fd = os.open(path, os.O_RDONLY)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.readback = readback
-        self.cursor = 0
 
-    def write(self, view: memoryview, what: str) -> None:
-        write_all_at(self.fd, view, self.cursor)
-        if (
-            VERIFY_WRITES and len(view) <= self.readback.size
-        ):  # blocks; the header is checked by re-parsing it at close
-            back = self.readback[: len(view)]
-            read_all_at(self.read_fd, back, self.cursor, what)
-            if not same_bytes(back, np.frombuffer(view, np.uint8)):
-                raise VerificationError(f"bytes of {what} read back differ from those written")
-        self.cursor += len(view)
+class ShardFile:
+    """The two descriptors of a shard being written: ``fd`` writes, ``read_fd`` reads back."""
 
-    def finish(self) -> None:
-        """Nothing is pending: every block was written and compared as it came."""
+    def __init__(self, fd: int, read_fd: int) -> None:
+        self.fd, self.read_fd = fd, read_fd
 
     def close(self) -> None:
         fd, read_fd, self.fd, self.read_fd = self.fd, self.read_fd, -1, -1
@@ -71,7 +61,33 @@ class BufferedShard:
                 os.close(read_fd)
 
 
-class DirectShard:
+def differ(what: str) -> VerificationError:
+    return VerificationError(f"bytes of {what} read back differ from those written")
+
+
+class BufferedShard(ShardFile):
+    """A shard written through the page cache; each block is read back from it right away and compared."""
+
+    def __init__(self, path: Path, readback: np.ndarray) -> None:
+        super().__init__(*open_pair(path))
+        self.readback = readback
+        self.cursor = 0
+
+    def write(self, view: memoryview, what: str) -> None:
+        write_all_at(self.fd, view, self.cursor)
+        # a header larger than the read-back buffer is not compared here: it is re-parsed at close
+        if VERIFY_WRITES and len(view) <= self.readback.size:
+            back = self.readback[: len(view)]
+            read_all_at(self.read_fd, back, self.cursor, what)
+            if not same_bytes(back, np.frombuffer(view, np.uint8)):
+                raise differ(what)
+        self.cursor += len(view)
+
+    def finish(self) -> None:
+        """Nothing is pending: every block was written and compared as it came."""
+
+
+class DirectShard(ShardFile):
     """A shard written with ``O_DIRECT``: bytes gathered in an aligned chunk, written, read back from the disk.
 
     Blocks and the header are copied into ``chunk``; each full chunk is written at its (aligned) offset,
@@ -82,14 +98,8 @@ class DirectShard:
     another alignment), the shard carries on through the page cache, same bytes, same checks.
     """
 
-    def __init__(
-        self,
-        fd: int,
-        read_fd: int,
-        chunk: AlignedBuffer,
-        back: AlignedBuffer,
-    ) -> None:
-        self.fd, self.read_fd = fd, read_fd
+    def __init__(self, fd: int, read_fd: int, chunk: AlignedBuffer, back: AlignedBuffer) -> None:
+        super().__init__(fd, read_fd)
         self.chunk, self.back = chunk, back
         self.fill = 0  # bytes of ``chunk`` in use
         self.offset = 0  # file offset of ``chunk``'s first byte
@@ -102,17 +112,11 @@ class DirectShard:
         if not flag:  # pragma: no cover - not Linux
             return None
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o666)
+            return cls(*open_pair(path, flag), chunk, back)
         except OSError as error:
-            if error.errno == errno.EINVAL:  # tmpfs and others: no O_DIRECT
+            if error.errno == errno.EINVAL:  # a filesystem without O_DIRECT
                 return None
             raise
-        try:
-            read_fd = os.open(path, os.O_RDONLY | flag)
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(fd, read_fd, chunk, back)
 
     def write(self, view: memoryview, what: str) -> None:
         done = 0
@@ -136,51 +140,29 @@ class DirectShard:
     def _flush(self) -> None:
         nbytes = -(-self.fill // DIRECT_ALIGN) * DIRECT_ALIGN
         self.chunk.array[self.fill : nbytes] = 0
-        try:
-            write_all_at(self.fd, self.chunk.view[:nbytes], self.offset)
-        except OSError as error:
-            if error.errno != errno.EINVAL:
-                raise
-            self._leave_direct()
-            write_all_at(self.fd, self.chunk.view[:nbytes], self.offset)
+        self._direct_or_buffered(write_all_at, self.fd, self.chunk.view[:nbytes], self.offset)
         if VERIFY_WRITES:
-            self.compare(self.back, self.chunk, self.offset, self.fill, self.spans)
+            back, meant = self.back.array[:nbytes], self.chunk.array[: self.fill]
+            self._direct_or_buffered(read_all_at, self.read_fd, back, self.offset, self.spans[0][1])
+            if not same_bytes(back[: self.fill], meant):
+                first = int(np.flatnonzero(back[: self.fill] != meant)[0])
+                raise differ([name for start, name in self.spans if start <= first][-1])
         self.offset += self.fill
         self.fill = 0
         self.spans = []
 
-    def compare(
-        self, back: AlignedBuffer, chunk: AlignedBuffer, offset: int, fill: int, spans: list[tuple[int, str]]
-    ) -> None:
-        """Read ``fill`` bytes at ``offset`` back from the disk and compare them with ``chunk``'s."""
-        nbytes = -(-fill // DIRECT_ALIGN) * DIRECT_ALIGN
-        into = back.array[:nbytes]
+    def _direct_or_buffered(self, io: Callable, *args) -> None:
+        """``io(*args)``; if the kernel refuses it for O_DIRECT (EINVAL), leave O_DIRECT and do it again."""
         try:
-            read_all_at(self.read_fd, into, offset, spans[0][1])
+            io(*args)
         except OSError as error:
             if error.errno != errno.EINVAL:
                 raise
-            self._leave_direct()
-            read_all_at(self.read_fd, into, offset, spans[0][1])
-        if not same_bytes(into[:fill], chunk.array[:fill]):
-            first = int(np.flatnonzero(into[:fill] != chunk.array[:fill])[0])
-            what = [name for start, name in spans if start <= first][-1]
-            raise VerificationError(f"bytes of {what} read back differ from those written")
+            import fcntl  # POSIX only, and only needed here
 
-    def _leave_direct(self) -> None:
-        import fcntl  # POSIX only, and only needed here
-
-        for fd in (self.fd, self.read_fd):
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-
-    def close(self) -> None:
-        fd, read_fd, self.fd, self.read_fd = self.fd, self.read_fd, -1, -1
-        try:
-            if fd >= 0:
-                os.close(fd)
-        finally:
-            if read_fd >= 0:
-                os.close(read_fd)
+            for fd in (self.fd, self.read_fd):
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            io(*args)
 
 
 def read_all_at(fd: int, out: np.ndarray, offset: int, what: str) -> None:

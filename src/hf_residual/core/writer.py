@@ -46,7 +46,6 @@ class Writer(threading.Thread):
             self.free.put(np.empty(block_bytes, np.uint8))
         self.hashes: dict[str, str] = {}
         self.error: BaseException | None = None
-        self.direct_shards = 0  # shards written with O_DIRECT (benchmarks and tests report it)
         self._shard: BufferedShard | DirectShard | None = None
         self._readback = np.empty(block_bytes, np.uint8)
         self._chunks: tuple[AlignedBuffer, AlignedBuffer] | None = None  # DirectShard's, reused
@@ -68,7 +67,6 @@ class Writer(threading.Thread):
                 self._chunks = (AlignedBuffer(DIRECT_CHUNK), AlignedBuffer(DIRECT_CHUNK))
             shard = DirectShard.open(path, *self._chunks)
             if shard is not None:
-                self.direct_shards += 1
                 return shard
         return BufferedShard(path, self._readback)
 
