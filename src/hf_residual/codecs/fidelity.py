@@ -29,6 +29,24 @@ DEFAULT_PROMPTS = [
 ]
 
 
+CHUNK = 1 << 20  # elements per float64 dot product of the error sums: the summed values depend on it
+
+
+@dataclass
+class TensorError:
+    """One tensor's squared error and squared norm, summed chunk by chunk (chunks of ``CHUNK`` elements
+    from the tensor's start, so a streamed tensor sums exactly as a whole one)."""
+
+    err: float = 0.0
+    norm: float = 0.0
+
+    def add(self, exact: np.ndarray, approx: np.ndarray) -> None:
+        """One chunk: the next ``CHUNK`` elements (fewer at the tensor's end), flat."""
+        x = exact.astype(np.float64)
+        diff = x - approx
+        self.err, self.norm = self.err + float(diff @ diff), self.norm + float(x @ x)
+
+
 @dataclass
 class ErrorSummary:
     """Accumulates per-tensor relative errors while encoding."""
@@ -37,14 +55,16 @@ class ErrorSummary:
     error_power: float = 0.0
     power: float = 0.0
 
-    def add(self, name: str, exact: np.ndarray, approx: np.ndarray, chunk: int = 1 << 20) -> None:
-        """In chunks of ``chunk`` elements, so the float64 temporaries stay small (an embedding is 1e8+)."""
+    def add(self, name: str, exact: np.ndarray, approx: np.ndarray) -> None:
+        """In chunks of ``CHUNK`` elements, so the float64 temporaries stay small (an embedding is 1e8+)."""
         exact, approx = exact.reshape(-1), approx.reshape(-1)
-        err = norm = 0.0
-        for at in range(0, exact.size, chunk):
-            x = exact[at : at + chunk].astype(np.float64)
-            diff = x - approx[at : at + chunk]
-            err, norm = err + float(diff @ diff), norm + float(x @ x)
+        tensor = TensorError()
+        for at in range(0, exact.size, CHUNK):
+            tensor.add(exact[at : at + CHUNK], approx[at : at + CHUNK])
+        self.record(name, tensor)
+
+    def record(self, name: str, tensor: TensorError) -> None:
+        err, norm = tensor.err, tensor.norm
         self.error_power += err
         self.power += norm
         self.errors[name] = (err / norm) ** 0.5 if norm else (0.0 if err == 0 else float("inf"))

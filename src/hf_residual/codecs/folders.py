@@ -2,7 +2,7 @@
 
 Encoding takes the exact float32 residual one tensor at a time (``exact.exact_tensors``, computed from
 the model files: no float32 folder), writes each tensor's parts with a sha256 per part, and measures
-fidelity. ``apply``/``port`` never decode to disk: they read compressed residuals in the stream
+fidelity: in chunks (``encode_stream``) except for the codecs that need a whole matrix (lowrank, top-k). ``apply``/``port`` never decode to disk: they read compressed residuals in the stream
 (``stream``); ``decoded_tensors``/``decode_folder`` remain for the probe, tests and an explicit export.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_residual.codecs import fidelity, peft_adapter, stream
+from hf_residual.codecs import encode_stream, fidelity, peft_adapter, stream
 from hf_residual.codecs.base import Codec
 from hf_residual.codecs.store import ShardWriter, as_stored, from_bf16_bits, read_tensor, to_bf16_bits
 from hf_residual.codecs.stream import sha256_of
@@ -57,47 +57,31 @@ def check_shapes(codec: Codec, manifest: Manifest) -> None:
 
 
 def encode_tensors(
-    exact: Iterable[tuple[str, np.ndarray]], manifest: Manifest, out: Path, codec: Codec, max_shard_bytes: int
+    exact: Iterable[encode_stream.Source], manifest: Manifest, out: Path, codec: Codec, max_shard_bytes: int
 ) -> Manifest:
     """Encode the exact float32 residual, given one tensor at a time, into ``out``; return its manifest.
 
-    ``manifest``: the exact residual's (shapes, norms, samples); ``exact`` yields its tensors by name.
+    ``manifest``: the exact residual's (shapes, norms, samples); ``exact`` yields its tensors, which each
+    encoder computes whole or in chunks (``encode_stream``: dense, bitdelta and DARE tensors never whole).
     Each stored part's sha256 is recorded (``part_sha256``; a dense tensor's ``stored_sha256``) for the
     stream readers to check (``stream``); ``sha256`` stays the digest of the decoded float32 tensor as
-    earlier versions (without part digests) computed it, so they can still read the residual.
+    earlier versions (without part digests) computed it, so they can still read the residual. A source's
+    norms (measured as it is computed) replace the manifest's.
     """
     check_shapes(codec, manifest)
     writer = ShardWriter(out, WEIGHTS_PREFIX, max_shard_bytes)
     entries: dict[str, TensorEntry] = {}
     errors = fidelity.ErrorSummary()
-    for name, values in exact:
-        entry = manifest.tensors[name]
-        encoded = (
-            codec.encode(name, values)
-            if codec.compresses(name, values.shape, entry.absolute_rows_from)
-            else None
-        )
-        if encoded is not None:
-            stored = {part: (dtype, as_stored(dtype, arr)) for part, (dtype, arr) in encoded.parts.items()}
-            for part, (dtype, arr) in stored.items():
-                writer.add(f"{name}.{part}", dtype, arr)
-            back = {part: _read_back(dtype, arr) for part, (dtype, arr) in stored.items()}
-            approx = codec.decode(values.shape, back, encoded.params)
-            legacy = codec.legacy_decode(values.shape, back, encoded.params, approx)
-            info = {
-                "kind": codec.name,
-                "parts": sorted(stored),
-                **encoded.params,
-                "part_sha256": {part: sha256_of(arr) for part, (_, arr) in sorted(stored.items())},
-            }
-        else:  # not encoded (embedding, norm, 1-D), or its encoding would not be smaller than bfloat16
-            bits = to_bf16_bits(values)
-            writer.add(name, "BF16", bits)
-            approx = legacy = from_bf16_bits(bits)
-            info = {"kind": "dense", "parts": [], "dtype": "BF16", "stored_sha256": sha256_of(bits)}
-        errors.add(name, values, approx)
-        entries[name] = dataclasses.replace(entry, dtype="F32", sha256=sha256_of(legacy), codec=info)
-        del values, approx, legacy
+    for source in exact:
+        name, entry = source.name, manifest.tensors[source.name]
+        chosen = codec if codec.compresses(name, source.shape, entry.absolute_rows_from) else None
+        if encode_stream.streams(chosen):
+            info, legacy = encode_stream.encode(source, chosen, writer, errors)
+        else:
+            info, legacy = _encode_whole(source.values(), name, chosen, writer, errors)
+        if source.residual_norm is not None:
+            entry = dataclasses.replace(entry, base_norm=source.base_norm, residual_norm=source.residual_norm)
+        entries[name] = dataclasses.replace(entry, dtype="F32", sha256=legacy, codec=info)
     writer.close()
     if entries.keys() != manifest.tensors.keys():  # pragma: no cover - the caller yields every tensor
         raise RuntimeError("encoding did not see every tensor of the residual")
@@ -116,6 +100,37 @@ def encode_tensors(
     return result
 
 
+def _encode_whole(
+    values: np.ndarray, name: str, codec: Codec | None, writer: ShardWriter, errors: fidelity.ErrorSummary
+) -> tuple[dict, str]:
+    """One tensor encoded whole (lowrank's SVD, top-k's global selection); stored dense in bfloat16 when
+    ``codec`` is None or declines it (a lowrank that would not be smaller). Returns its ``codec`` entry
+    and the sha256 of its decoded float32 values. Also the reference the streamed encoders equal."""
+    encoded = codec.encode(name, values) if codec is not None else None
+    if encoded is None:
+        bits = to_bf16_bits(values)
+        writer.add(name, "BF16", bits)
+        approx = from_bf16_bits(bits)
+        errors.add(name, values, approx)
+        return {"kind": "dense", "parts": [], "dtype": "BF16", "stored_sha256": sha256_of(bits)}, sha256_of(
+            approx
+        )
+    stored = {part: (dtype, as_stored(dtype, arr)) for part, (dtype, arr) in encoded.parts.items()}
+    for part, (dtype, arr) in stored.items():
+        writer.add(f"{name}.{part}", dtype, arr)
+    back = {part: _read_back(dtype, arr) for part, (dtype, arr) in stored.items()}
+    approx = codec.decode(values.shape, back, encoded.params)
+    legacy = codec.legacy_decode(values.shape, back, encoded.params, approx)
+    errors.add(name, values, approx)
+    info = {
+        "kind": codec.name,
+        "parts": sorted(stored),
+        **encoded.params,
+        "part_sha256": {part: sha256_of(arr) for part, (_, arr) in sorted(stored.items())},
+    }
+    return info, sha256_of(legacy)
+
+
 def encode_folder(dense: Path, out: Path, codec: Codec, max_shard_bytes: int) -> Manifest:
     """Encode the float32 residual folder ``dense`` into ``out`` (an empty folder); return the new manifest."""
     manifest = read_manifest(dense)
@@ -123,7 +138,7 @@ def encode_folder(dense: Path, out: Path, codec: Codec, max_shard_bytes: int) ->
         raise ManifestError(f"{dense}: encoding needs a float32 residual, this one is {manifest.codec}")
     check_shapes(codec, manifest)
     tensors = open_checkpoint(dense, prefix=WEIGHTS_PREFIX).tensors
-    exact = ((name, read_tensor(tensors[name])) for name in sorted(manifest.tensors))
+    exact = (encode_stream.ArrayTensor(name, read_tensor(tensors[name])) for name in sorted(manifest.tensors))
     result = encode_tensors(exact, manifest, out, codec, max_shard_bytes)
     _copy_extras(dense, out, skip_readme=True)
     result.write(out)
@@ -209,7 +224,7 @@ def _fidelity_text(manifest: Manifest) -> str:
 
 
 def encode_into(
-    exact: Callable[[], Iterator[tuple[str, np.ndarray]]],
+    exact: Callable[[], Iterator[encode_stream.Source]],
     manifest: Manifest,
     output: Path,
     codec: Codec,
@@ -244,12 +259,13 @@ def encode_into(
     return result
 
 
-def _probe_deltas(exact: Iterable[tuple[str, np.ndarray]], encoded: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """``decode(encode(R)) - R`` per tensor: the exact values computed again, the encoded ones decoded."""
+def _probe_deltas(exact: Iterable[encode_stream.Source], encoded: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """``decode(encode(R)) - R`` per tensor: the exact values computed again (whole: the probe's models
+    hold the whole model twice anyway), the encoded ones decoded."""
     manifest, checkpoint = stream.open_residual(encoded)
     files = Files()
     try:
-        for name, values in exact:
-            yield name, _decode_one(manifest, checkpoint, name, files) - values
+        for source in exact:
+            yield source.name, _decode_one(manifest, checkpoint, source.name, files) - source.values()
     finally:
         files.close()

@@ -23,7 +23,7 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**32)
 
 
-def _gap_dtype(largest: int) -> str:
+def gaps_dtype(largest: int) -> str:
     for dtype, limit in (("U8", 2**8), ("U16", 2**16), ("U32", 2**32)):
         if largest < limit:
             return dtype
@@ -69,7 +69,7 @@ class Sparse(Codec):
         if self.method == "dare":
             values = values / np.float32(self.density)
         gaps = np.diff(index, prepend=-1)
-        gap_dtype = _gap_dtype(int(gaps.max()) if gaps.size else 0)
+        gap_dtype = gaps_dtype(int(gaps.max()) if gaps.size else 0)
         params.update(density=self.density, value_dtype=self.dtype)
         return Encoded({"gaps": (gap_dtype, gaps), "values": (self.dtype, values.astype(np.float32))}, params)
 

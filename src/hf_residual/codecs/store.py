@@ -1,7 +1,8 @@
 """Safetensors reading and writing one tensor at a time (numpy only), with bfloat16 by bit shifts.
 
-Writing: each tensor's bytes are appended to a data file as soon as they exist; when a shard is full
-its header is written and the data copied after it, so memory holds one tensor, never a shard.
+Writing: each tensor's bytes are appended to a data file as soon as they exist (whole, or chunk by chunk
+between ``begin`` and ``end``); when a shard is full its header is written and the data copied after it,
+so memory holds one tensor (a streamed one: one chunk), never a shard.
 """
 
 from __future__ import annotations
@@ -77,15 +78,40 @@ class ShardWriter:
     _size: int = 0
     _data: list[Path] = field(default_factory=list)
     _handle: object = None
+    _pending: tuple[OutputTensor, int] | None = None
 
     def add(self, name: str, dtype: str, array: np.ndarray) -> None:
         """Append one tensor (``array`` holds its raw bytes in ``dtype``'s layout)."""
-        tensor = OutputTensor(name, dtype, tuple(int(d) for d in array.shape))
+        self.begin(name, dtype, array.shape)
+        self.write(array)
+        self.end()
+
+    def begin(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        """Start a tensor whose bytes follow in ``write`` calls (a streamed encoder's chunks)."""
+        if self._pending is not None:
+            raise RuntimeError(f"tensor {self._pending[0].name!r} not ended before {name!r}")
+        tensor = OutputTensor(name, dtype, tuple(int(d) for d in shape))
         if self._handle is None or (self.shards[-1] and self._size + tensor.nbytes > self.max_bytes):
             self._open_shard()
         self.shards[-1].append(tensor)
         self._size += tensor.nbytes
-        self._handle.write(np.ascontiguousarray(array).tobytes())
+        self._pending = (tensor, 0)
+
+    def write(self, array: np.ndarray) -> None:
+        """The next bytes of the tensor begun (``array``'s raw bytes, in order)."""
+        tensor, written = self._pending
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        self._handle.write(data)
+        self._pending = (tensor, written + data.nbytes)
+
+    def end(self) -> None:
+        """Close the tensor begun; its bytes must be exactly its shape's."""
+        tensor, written = self._pending
+        self._pending = None
+        if written != tensor.nbytes:
+            raise RuntimeError(
+                f"tensor {tensor.name!r}: {written} bytes written, its shape takes {tensor.nbytes}"
+            )
 
     def _open_shard(self) -> None:
         if self._handle is not None:

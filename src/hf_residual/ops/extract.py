@@ -151,14 +151,11 @@ def _extract_encoded(
     jobs = plans.extract_jobs(pairs, "F32")
     samples = checks.base_samples(b_ckpt)
     checks.check_sampled_residual(pairs, samples, options.force)
-    # sha256 and norms are set when each tensor is encoded
+    # sha256 and norms are set when each tensor is encoded (encode_tensors)
     manifest = _manifest("float32", "F32", pairs, (instruct_model, i_ckpt), (base_model, b_ckpt), samples)
 
-    def exact():  # a fresh pass over I - B; the norms go into the manifest as each tensor is computed
-        for tensor in codec_exact.exact_tensors(jobs):
-            entry = manifest.tensors[tensor.name]
-            entry.base_norm, entry.residual_norm = tensor.base_norm, tensor.residual_norm
-            yield tensor.name, tensor.values
+    def exact():  # a fresh pass over I - B; its norms go into the manifest as each tensor is encoded
+        return codec_exact.exact_tensors(jobs)
 
     def finish(staging: Path) -> None:
         assets.copy_chat_assets(instruct_model.path, staging)
