@@ -193,6 +193,17 @@ def timed(command: list[str], env: dict | None = None) -> tuple[float, float, st
     return wall, rss_kb / 1024**2, done.stdout[-500:], cpu
 
 
+def same_work_floor(env: dict) -> str:
+    """The floor row doing the I/O a port does under ``env``: O_DIRECT output (read back unless
+    HF_RESIDUAL_VERIFY_WRITES=0), or with HF_RESIDUAL_DIRECT_IO=0 a page-cache output fsynced before
+    publishing (its per-block read-back comes from the page cache: no disk read)."""
+    if env.get("HF_RESIDUAL_DIRECT_IO") == "0":
+        return "I/O floor, output fsynced (durable)"
+    if env.get("HF_RESIDUAL_VERIFY_WRITES") == "0":
+        return "I/O floor, output O_DIRECT (durable)"
+    return "I/O floor, O_DIRECT + read back"
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -373,6 +384,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:40} {wall:8.2f} {rss_text:>13} {total_gb / wall:12.2f} {wall / floor:8.2f} "
             f"{wall / hf_wall:14.2f}"
         )
+    floors = {name: wall for name, wall, _ in rows if name.startswith("I/O floor")}
+    if len(floors) > 1:
+        print(
+            "\nhf-residual against the floor that does the same I/O (its output made durable the same way):"
+        )
+        for label, extra in variants:
+            floor_name = same_work_floor({**os.environ, **extra})
+            wall = next(wall for name, wall, _ in rows if name == label)
+            print(f"  {label:48} {wall:6.2f} s = {wall / floors[floor_name]:5.2f}x '{floor_name}'")
     for note in notes:
         print(note)
     shutil.rmtree(outputs, ignore_errors=True)
