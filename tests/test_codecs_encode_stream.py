@@ -88,6 +88,11 @@ def test_sums_of_abs_equal_numpy_mean_over_any_chunks(seed):
     assert np.array_equal(means.means, np.mean(np.abs(matrix), axis=1, dtype=np.float64))
 
 
+def test_chunks_are_the_documented_size():
+    """docs/CODECS.md: chunks of 2^20 elements (4 MiB of float32): the memory a streamed encoder holds."""
+    assert fidelity.CHUNK == 1 << 20
+
+
 def test_shard_writer_refuses_a_streamed_tensor_of_the_wrong_size(tmp_path):
     writer = ShardWriter(tmp_path, "residual", 10**6)
     writer.begin("a", "U8", (4,))
