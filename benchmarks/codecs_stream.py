@@ -5,7 +5,8 @@ heads, vocabulary 151936, untied head: 1.78B parameters) in a Llama layout, writ
 (base ~ N(0, 0.02), instruct and cpt = base + N(0, 0.002) each, bfloat16). Three residuals are extracted
 once: ``--dtype bfloat16``, ``--codec bitdelta`` and ``--codec lowrank:RANK``. The lowrank factors come
 from a randomized SVD here (Halko et al., 2 power iterations), patched into the codec in the extracting
-process only: an exact SVD of each 8960 x 1536 matrix takes over a minute on this machine. The port
+process only: an exact SVD of each 8960 x 1536 matrix takes about 5 s here (numpy's gesdd, quiet machine;
+more under load), some 10 minutes for the family's matrices. The port
 reads the same layout whatever produced the factors.
 
 Each port runs as ``hf-residual port RESIDUAL --to CPT -o OUT -q`` under ``/usr/bin/time -v`` (wall time,
