@@ -30,6 +30,7 @@ import numpy as np
 from hf_residual.codecs import fidelity
 from hf_residual.codecs.base import Codec
 from hf_residual.codecs.bitdelta import BitDelta
+from hf_residual.codecs.parts import sha256_of
 from hf_residual.codecs.sparse import Sparse, gaps_dtype, tensor_seed
 from hf_residual.codecs.store import NUMPY_DTYPES, ShardWriter, as_stored, from_bf16_bits, to_bf16_bits
 
@@ -185,7 +186,7 @@ def _bitdelta(
         tensor.add(values, approx)
         at += values.size
     errors.record(source.name, tensor)
-    digests = {"scale": hashlib.sha256(scales).hexdigest(), "signs": signs.hexdigest()}
+    digests = {"scale": sha256_of(scales), "signs": signs.hexdigest()}
     info = {"kind": codec.name, "parts": ["scale", "signs"], **params, "part_sha256": digests}
     return info, legacy.hexdigest()
 

@@ -63,9 +63,8 @@ class ExactTensor:
         each computed into ``out(start, count)`` and yielded; the norms are set at the end."""
         job, files, buffers = self.job, self.files, self.buffers
         cols = self.shape[-1] if len(self.shape) == 2 else 0
-        step = (
-            buffers.block // cols * cols if 0 < cols <= buffers.block else buffers.block
-        )  # whole rows (FP8)
+        # whole rows (FP8 scales come one row of blocks at a time)
+        step = buffers.block // cols * cols if 0 < cols <= buffers.block else buffers.block
         base_power = residual_power = 0.0
         for segment in job.segments:
             for start in range(segment.start, segment.stop, step):

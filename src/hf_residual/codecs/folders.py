@@ -2,8 +2,9 @@
 
 Encoding takes the exact float32 residual one tensor at a time (``exact.exact_tensors``, computed from
 the model files: no float32 folder), writes each tensor's parts with a sha256 per part, and measures
-fidelity: in chunks (``encode_stream``) except for the codecs that need a whole matrix (lowrank, top-k). ``apply``/``port`` never decode to disk: they read compressed residuals in the stream
-(``stream``); ``decoded_tensors``/``decode_folder`` remain for the probe, tests and an explicit export.
+fidelity: in chunks (``encode_stream``) except for the codecs that need a whole matrix (lowrank, top-k).
+``apply``/``port`` never decode to disk: they read compressed residuals in the stream (``stream``);
+``decoded_tensors``/``decode_folder`` remain for the probe, tests and an explicit export.
 """
 
 from __future__ import annotations
@@ -112,9 +113,8 @@ def _encode_whole(
         writer.add(name, "BF16", bits)
         approx = from_bf16_bits(bits)
         errors.add(name, values, approx)
-        return {"kind": "dense", "parts": [], "dtype": "BF16", "stored_sha256": sha256_of(bits)}, sha256_of(
-            approx
-        )
+        info = {"kind": "dense", "parts": [], "dtype": "BF16", "stored_sha256": sha256_of(bits)}
+        return info, sha256_of(approx)
     stored = {part: (dtype, as_stored(dtype, arr)) for part, (dtype, arr) in encoded.parts.items()}
     for part, (dtype, arr) in stored.items():
         writer.add(f"{name}.{part}", dtype, arr)
